@@ -1,0 +1,138 @@
+"""The action-conditioned stochastic video predictor: SVG with a fixed prior (Denton & Fergus 2018)
+plus a learned embedding of the robot's condition (action + end-effector position).
+
+One module, one rollout. `CVAE.forward` is used by training (teacher forcing, posterior z), by
+validation and testing (no teacher forcing, prior z after the given frames) and by the GIFs, so the
+numbers mean the same thing everywhere.
+
+    python -c "from models import CVAE; m = CVAE(); print(sum(p.numel() for p in m.parameters()))"
+"""
+import torch
+import torch.nn as nn
+
+from .lstm import gaussian_lstm, lstm
+from .vgg_64 import vgg_decoder, vgg_encoder
+
+# Constructor arguments that define the architecture; they are saved in every checkpoint so that
+# test.py rebuilds the model without architecture flags.
+ARCH_KEYS = ("g_dim", "z_dim", "rnn_size", "predictor_rnn_layers", "posterior_rnn_layers", "cond_dim",
+             "cond_embed_dim", "base_channels", "last_frame_skip")
+
+
+def kl_standard_normal(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last (z) dimension (Kingma & Welling 2014, App. B)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def init_weights(m):
+    """N(0, 0.02) weights for conv/linear layers and N(1, 0.02) BatchNorm scales, zero biases (as SVG)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class CVAE(nn.Module):
+    def __init__(self, g_dim=128, z_dim=64, rnn_size=256, predictor_rnn_layers=2, posterior_rnn_layers=1,
+                 cond_dim=7, cond_embed_dim=32, base_channels=64, last_frame_skip=False):
+        super().__init__()
+        self.g_dim, self.z_dim, self.last_frame_skip = g_dim, z_dim, last_frame_skip
+        self.encoder = vgg_encoder(g_dim, base_channels)
+        self.decoder = vgg_decoder(g_dim, base_channels)
+        self.cond_embed = nn.Linear(cond_dim, cond_embed_dim)
+        self.frame_predictor = lstm(g_dim + z_dim + cond_embed_dim, g_dim, rnn_size, predictor_rnn_layers)
+        self.posterior = gaussian_lstm(g_dim, z_dim, rnn_size, posterior_rnn_layers)
+        # Conditions are not normalised on disk (positions ~0.6, actions ~0.05, commands 0..4);
+        # standardising with train-split statistics keeps the embedding well scaled. Saved with the weights.
+        self.register_buffer("cond_mean", torch.zeros(cond_dim))
+        self.register_buffer("cond_std", torch.ones(cond_dim))
+        self.apply(init_weights)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Build from a dict or namespace holding ARCH_KEYS (e.g. the args saved in a checkpoint)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+        return cls(**{k: get(k) for k in ARCH_KEYS})
+
+    def set_cond_stats(self, mean, std):
+        self.cond_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.cond_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
+
+    def forward(self, frames, conds, n_past, teacher_forcing=True, prior=False, noise=None, batched=True):
+        """Predict frames 1..T-1 of a clip, one step at a time (SVG, Sec. 3).
+
+        frames: (B, T, C, H, W) in [0, 1]; conds: (B, T, cond_dim), cond_t = [action_t, endeffector_t].
+        n_past: frames 0..n_past-1 are given; later inputs are ground truth only with teacher_forcing,
+            otherwise the previous prediction (re-encoded).
+        prior: draw z_t ~ N(0, I) for steps t >= n_past (evaluation); otherwise z_t ~ q(z_t | x_{1:t}).
+        noise: standard normal (B, T-1, z_dim) used for every z (posterior reparameterisation or prior
+            sample); passing it makes a rollout reproducible per sequence, whatever the batch.
+        batched: encode all input frames and decode all steps in single calls when teacher forcing
+            makes the inputs known in advance; only the LSTMs step through time. Same result in eval mode.
+
+        Step t takes [h_{t-1}, z_t, embed(cond_{t-1})]: the condition that acts between frames t-1 and t.
+        Returns a dict: pred (B, T-1, C, H, W) for frames 1..T-1; mse, the sum over steps of the
+        per-step pixel-mean squared error; kld, the sum over posterior steps of the KL summed over z and
+        averaged over the batch; and their per-step values mse_per_step (T-1,), kld_per_step.
+        """
+        B, T = frames.shape[:2]
+        steps = T - 1
+        if not 1 <= n_past < T:
+            raise ValueError(f"n_past={n_past} must be in [1, {T - 1}] for a clip of {T} frames")
+        n_post = n_past - 1 if prior else steps  # steps t = 1..n_post use the posterior
+        if noise is None:
+            noise = torch.randn(B, steps, self.z_dim, device=frames.device)
+        cond = (conds[:, :-1].float() - self.cond_mean) / self.cond_std  # (B, T-1, cond_dim): cond_{t-1}
+        c = self.cond_embed(cond)  # (B, T-1, E)
+
+        # Skip features for step t come from frame min(t-1, n_past-1): the last given frame once the
+        # prediction starts (SVG's code keeps x_{n_past-2} through its `i < n_past` test; we follow the
+        # paper's "last ground truth frame"), or from the step's own input with last_frame_skip.
+        if batched and teacher_forcing:
+            h_all, skips_all = self.encoder(frames[:, : 1 + max(n_post, steps - 1)])  # (B, T', g)
+            z, mu, logvar = self._latents(h_all[:, 1: 1 + n_post], noise, n_post)
+            g_pred, _ = self.frame_predictor(torch.cat([h_all[:, :steps], z, c], -1))  # (B, T-1, g)
+            src = torch.arange(steps, device=frames.device)
+            if not self.last_frame_skip:
+                src = src.clamp(max=n_past - 1)
+            pred = self.decoder(g_pred, [s[:, src] for s in skips_all])  # (B, T-1, C, H, W)
+        else:
+            # The posterior only ever sees ground truth, so its inputs can still be encoded at once.
+            h_target = None
+            if batched and n_post > 0:
+                h_target = self.encoder(frames[:, 1: 1 + n_post])[0]  # (B, n_post, g)
+            preds, mus, logvars, zs = [], [], [], []
+            state_p = state_q = skip = None
+            for t in range(1, T):
+                given = teacher_forcing or t - 1 < n_past
+                h, sk = self.encoder(frames[:, t - 1] if given else preds[-1])  # (B, g)
+                if self.last_frame_skip or t - 1 < n_past:
+                    skip = sk
+                if t <= n_post:
+                    ht = h_target[:, t - 1: t] if h_target is not None else self.encoder(frames[:, t: t + 1])[0]
+                    z_t, mu_t, logvar_t, state_q = self.posterior(ht, state_q, noise[:, t - 1: t])
+                    mus.append(mu_t)
+                    logvars.append(logvar_t)
+                else:
+                    z_t = noise[:, t - 1: t]
+                zs.append(z_t)
+                g_t, state_p = self.frame_predictor(torch.cat([h[:, None], z_t, c[:, t - 1: t]], -1), state_p)
+                preds.append(self.decoder(g_t[:, 0], skip))  # (B, C, H, W)
+            pred = torch.stack(preds, 1)
+            mu = torch.cat(mus, 1) if mus else noise[:, :0]
+            logvar = torch.cat(logvars, 1) if logvars else noise[:, :0]
+
+        pred32 = pred.float()
+        mse_per_step = (pred32 - frames[:, 1:].float()).pow(2).mean(dim=(0, 2, 3, 4))  # (T-1,)
+        kld_per_step = kl_standard_normal(mu.float(), logvar.float()).mean(0)  # (n_post,)
+        return {"pred": pred, "mse": mse_per_step.sum(), "kld": kld_per_step.sum(),
+                "mse_per_step": mse_per_step, "kld_per_step": kld_per_step}
+
+    def _latents(self, h_target, noise, n_post):
+        """z for all steps: posterior samples for the first n_post steps, noise (prior) after."""
+        if n_post == 0:
+            return noise, noise[:, :0], noise[:, :0]
+        z_q, mu, logvar, _ = self.posterior(h_target, None, noise[:, :n_post])
+        return torch.cat([z_q, noise[:, n_post:]], 1), mu, logvar

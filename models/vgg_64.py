@@ -1,0 +1,78 @@
+"""VGG-style 64x64 frame encoder and decoder with skip connections (SVG, Denton & Fergus 2018).
+
+The encoder maps a frame to a g_dim code plus four intermediate feature maps; the decoder mirrors it
+and concatenates those maps (the "skips") at matching resolutions. Both accept any number of leading
+dimensions, so one call can encode a whole (B, T) clip: that is what makes the batched rollout cheap.
+
+    python -c "from models.vgg_64 import vgg_encoder; print(vgg_encoder(128))"
+"""
+import torch
+import torch.nn as nn
+
+
+class vgg_layer(nn.Sequential):
+    """Conv3x3 -> BatchNorm -> LeakyReLU(0.2), the unit every block is made of."""
+
+    def __init__(self, nin, nout):
+        super().__init__(nn.Conv2d(nin, nout, 3, 1, 1), nn.BatchNorm2d(nout), nn.LeakyReLU(0.2, inplace=True))
+
+
+def _flatten(x, trailing):
+    """(..., *trailing) -> (N, *trailing), returning the leading shape to restore later."""
+    lead = x.shape[: x.dim() - trailing]
+    return x.reshape(-1, *x.shape[x.dim() - trailing:]), lead
+
+
+class vgg_encoder(nn.Module):
+    def __init__(self, dim, base_channels=64, nc=3):
+        super().__init__()
+        b = base_channels  # b=64 gives the sample's 64/128/256/512 widths
+        self.dim = dim
+        self.c1 = nn.Sequential(vgg_layer(nc, b), vgg_layer(b, b))  # 64x64
+        self.c2 = nn.Sequential(vgg_layer(b, 2 * b), vgg_layer(2 * b, 2 * b))  # 32x32
+        self.c3 = nn.Sequential(vgg_layer(2 * b, 4 * b), vgg_layer(4 * b, 4 * b), vgg_layer(4 * b, 4 * b))  # 16x16
+        self.c4 = nn.Sequential(vgg_layer(4 * b, 8 * b), vgg_layer(8 * b, 8 * b), vgg_layer(8 * b, 8 * b))  # 8x8
+        self.c5 = nn.Sequential(nn.Conv2d(8 * b, dim, 4, 1, 0), nn.BatchNorm2d(dim), nn.Tanh())  # 4x4 -> 1x1
+        self.mp = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        """x: frames (..., C, H, W) in [0, 1], e.g. (B, T, 3, 64, 64).
+
+        Returns h (..., dim) and the skips [(..., b, 64, 64), (..., 2b, 32, 32), (..., 4b, 16, 16),
+        (..., 8b, 8, 8)].
+        """
+        x, lead = _flatten(x, 3)  # (N, C, H, W), N = prod(lead)
+        h1 = self.c1(x)
+        h2 = self.c2(self.mp(h1))
+        h3 = self.c3(self.mp(h2))
+        h4 = self.c4(self.mp(h3))
+        h5 = self.c5(self.mp(h4))  # (N, dim, 1, 1)
+        skips = [s.reshape(*lead, *s.shape[1:]) for s in (h1, h2, h3, h4)]
+        return h5.reshape(*lead, self.dim), skips
+
+
+class vgg_decoder(nn.Module):
+    def __init__(self, dim, base_channels=64, nc=3):
+        super().__init__()
+        b = base_channels
+        self.dim = dim
+        self.upc1 = nn.Sequential(nn.ConvTranspose2d(dim, 8 * b, 4, 1, 0), nn.BatchNorm2d(8 * b), nn.LeakyReLU(0.2, inplace=True))  # 1 -> 4
+        self.upc2 = nn.Sequential(vgg_layer(16 * b, 8 * b), vgg_layer(8 * b, 8 * b), vgg_layer(8 * b, 4 * b))  # 8x8
+        self.upc3 = nn.Sequential(vgg_layer(8 * b, 4 * b), vgg_layer(4 * b, 4 * b), vgg_layer(4 * b, 2 * b))  # 16x16
+        self.upc4 = nn.Sequential(vgg_layer(4 * b, 2 * b), vgg_layer(2 * b, b))  # 32x32
+        self.upc5 = nn.Sequential(vgg_layer(2 * b, b), nn.ConvTranspose2d(b, nc, 3, 1, 1), nn.Sigmoid())  # 64x64
+        self.up = nn.UpsamplingNearest2d(scale_factor=2)
+
+    def forward(self, h, skips):
+        """h: codes (..., dim); skips: the encoder's four maps with the same leading shape.
+
+        Returns frames (..., C, 64, 64) in [0, 1].
+        """
+        h, lead = _flatten(h, 1)  # (N, dim)
+        s1, s2, s3, s4 = (s.reshape(-1, *s.shape[len(lead):]) for s in skips)  # each (N, c, r, r)
+        d1 = self.upc1(h[:, :, None, None])  # (N, 8b, 4, 4)
+        d2 = self.upc2(torch.cat([self.up(d1), s4], 1))  # (N, 4b, 8, 8)
+        d3 = self.upc3(torch.cat([self.up(d2), s3], 1))  # (N, 2b, 16, 16)
+        d4 = self.upc4(torch.cat([self.up(d3), s2], 1))  # (N, b, 32, 32)
+        out = self.upc5(torch.cat([self.up(d4), s1], 1))  # (N, nc, 64, 64)
+        return out.reshape(*lead, *out.shape[1:])
