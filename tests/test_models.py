@@ -1,0 +1,78 @@
+"""Module shapes, the KL formula, and the batched rollout against the per-step one."""
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from models import CVAE, gaussian_lstm, lstm, vgg_decoder, vgg_encoder
+from models.cvae import kl_standard_normal
+
+
+def test_module_shapes():
+    enc, dec = vgg_encoder(16, base_channels=4), vgg_decoder(16, base_channels=4)
+    x = torch.rand(2, 5, 3, 64, 64)  # (B, T, C, H, W)
+    h, skips = enc(x)
+    assert h.shape == (2, 5, 16) and h.abs().max() <= 1
+    assert [s.shape[-3:] for s in skips] == [(4, 64, 64), (8, 32, 32), (16, 16, 16), (32, 8, 8)]
+    assert all(s.shape[:2] == (2, 5) for s in skips)
+    y = dec(h, skips)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    pred = lstm(10, 6, 12, 2)
+    out, state = pred(torch.randn(3, 4, 10))
+    assert out.shape == (3, 4, 6) and len(state) == 2 and state[0][0].shape == (3, 12)
+    out2, _ = pred(torch.randn(5, 1, 10))  # no state sized to an earlier batch
+    assert out2.shape == (5, 1, 6)
+    z, mu, logvar, _ = gaussian_lstm(10, 7, 12, 1)(torch.randn(3, 4, 10))
+    assert z.shape == mu.shape == logvar.shape == (3, 4, 7)
+
+
+def test_kl_matches_closed_form():
+    mu, logvar = torch.randn(6, 9), torch.randn(6, 9)
+    ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(kl_standard_normal(mu, logvar), ref)
+
+
+def _model():
+    torch.manual_seed(0)
+    m = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    x = torch.rand(4, 8, 3, 64, 64)
+    c = torch.randn(4, 8, 7)
+    m.train()
+    for _ in range(3):  # move BatchNorm running statistics away from their initial values
+        m(x, c, 2)
+    return m.eval(), x, c, torch.randn(4, 7, 4)
+
+
+def test_batched_rollout_matches_per_step():
+    m, x, c, noise = _model()
+    with torch.no_grad():
+        for tf, prior in ((True, False), (True, True), (False, True), (False, False)):
+            a = m(x, c, 3, teacher_forcing=tf, prior=prior, noise=noise, batched=True)
+            b = m(x, c, 3, teacher_forcing=tf, prior=prior, noise=noise, batched=False)
+            torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a["kld_per_step"], b["kld_per_step"], atol=1e-5, rtol=1e-4)
+            assert a["pred"].shape == (4, 7, 3, 64, 64)
+            assert a["kld_per_step"].shape == ((2,) if prior else (7,))
+
+
+def test_rollout_uses_predictions_without_teacher_forcing():
+    m, x, c, noise = _model()
+    x2 = x.clone()
+    x2[:, 3:] = torch.rand_like(x2[:, 3:])  # change frames the model must not see after n_past=3
+    with torch.no_grad():
+        a = m(x, c, 3, teacher_forcing=False, prior=True, noise=noise)["pred"]
+        b = m(x2, c, 3, teacher_forcing=False, prior=True, noise=noise)["pred"]
+        assert torch.equal(a, b)
+        t = m(x2, c, 3, teacher_forcing=True, prior=True, noise=noise)["pred"]
+        assert not torch.equal(a[:, 3:], t[:, 3:])
+
+
+def test_condition_t_minus_1_drives_step_t():
+    """Step t sees cond_{t-1}: changing cond at the last frame changes nothing, at t-1 it does."""
+    m, x, c, noise = _model()
+    c_last, c_prev = c.clone(), c.clone()
+    c_last[:, -1] += 5
+    c_prev[:, 3] += 5
+    with torch.no_grad():
+        base = m(x, c, 2, prior=True, noise=noise)["pred"]
+        assert torch.equal(base, m(x, c_last, 2, prior=True, noise=noise)["pred"])
+        changed = m(x, c_prev, 2, prior=True, noise=noise)["pred"]
+        assert torch.equal(base[:, :3], changed[:, :3]) and not torch.equal(base[:, 3], changed[:, 3])

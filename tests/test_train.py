@@ -1,0 +1,195 @@
+"""End to end: training writes every artefact, test.py scores it, resume is exact, faults are handled."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import test as test_script
+import train_fixed_prior as train
+import utils
+from conftest import REPO, TINY
+
+
+def _train(root, log_dir, *extra):
+    argv = ["--data_root", root, "--log_dir", str(log_dir), "--cache_dir", str(log_dir / "cache"), *TINY, *extra]
+    return train.main(argv)
+
+
+@pytest.fixture(scope="module")
+def run_dir(sim_root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs")
+    return _train(sim_root, log, "--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "2",
+                  "--tfr_decay_step", "0.5", "--kl_anneal_cyclical")
+
+
+def test_training_writes_every_artefact(run_dir):
+    assert os.path.basename(run_dir).startswith("rnn_size=16-predictor-posterior-rnn_layers=2-1-n_past=2-n_future=10-"
+                                                "lr=0.0020-g_dim=8-z_dim=4-last_frame_skip=False-beta=1.0000000")
+    record = open(os.path.join(run_dir, "train_record.txt")).read()
+    assert len(re.findall(r"^\[epoch: \d\d\] loss: \d+\.\d{5} \| mse loss: \d+\.\d{5} \| kld loss: \d+\.\d{5}$",
+                          record, re.M)) == 2
+    assert len(re.findall(r"^={22} validate psnr = \d+\.\d{5} ={24}$", record, re.M)) == 2
+    rows = utils.read_metrics(os.path.join(run_dir, "metrics.csv"))
+    assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [3, 6]
+    assert [r["tfr"] for r in rows] == [1.0, 0.5] and all(r["val_psnr"] > 5 for r in rows)
+    for f in ("curves.png", "model.pth", "last.pth", "gen/epoch_001.gif", "gen/epoch_001.png"):
+        assert os.path.getsize(os.path.join(run_dir, f)) > 0, f
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
+    ckpt = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 2 and ckpt["arch"]["g_dim"] == 8
+    assert {"model", "optimizer", "args", "rng", "best_psnr", "tfr"} <= set(ckpt)
+
+
+def test_test_script_and_batch_size_invariance(run_dir, capsys, tmp_path):
+    m1 = test_script.main(["--model_dir", run_dir, "--batch_size", "1", "--out", str(tmp_path / "a")])
+    assert re.search(r"^test psnr: \d+\.\d{4}$", capsys.readouterr().out, re.M)
+    m2 = test_script.main(["--model_dir", run_dir, "--batch_size", "5", "--num_workers", "2", "--out", str(tmp_path / "b")])
+    assert m1["n_sequences"] == m2["n_sequences"] == 5
+    assert m1["psnr"] == pytest.approx(m2["psnr"], abs=1e-6)
+    assert m1["psnr_per_step"] == pytest.approx(m2["psnr_per_step"], abs=1e-6)
+    saved = json.load(open(tmp_path / "a" / "metrics.json"))
+    assert {"psnr", "ssim", "psnr_per_step", "ssim_per_step", "psnr_std", "n_sequences", "copy_last_psnr",
+            "checkpoint", "split", "seed"} <= set(saved) and len(saved["psnr_per_step"]) == 10
+    assert (tmp_path / "a" / "seq0.gif").stat().st_size > 0 and (tmp_path / "a" / "seq0.png").stat().st_size > 0
+    for mode in ("shuffled", "zero"):
+        m = test_script.main(["--model_dir", run_dir, "--cond_mode", mode, "--out", str(tmp_path / mode)])
+        assert m["n_sequences"] == 5 and m["cond_mode"] == mode
+
+
+def _params(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch):
+    flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
+             "--tfr", "0.5", "--kl_anneal_cyclical"]
+    full = _train(sim_root, tmp_path / "a", *flags)
+    real_kl = train.kl_weight_from_args
+
+    def interrupt_at_step_4(step, args):  # a SIGINT arrives during iteration 4 (in the second epoch)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_kl(step, args)
+
+    monkeypatch.setattr(train, "kl_weight_from_args", interrupt_at_step_4)
+    part = _train(sim_root, tmp_path / "b", *flags)
+    assert part is None and _params(tmp_path / "b" / os.path.basename(full) / "last.pth")["step"] == 5
+    monkeypatch.setattr(train, "kl_weight_from_args", real_kl)
+    resumed = train.main(["--model_dir", str(tmp_path / "b" / os.path.basename(full))])
+    a, b = _params(os.path.join(full, "last.pth")), _params(os.path.join(resumed, "last.pth"))
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["best_psnr"] == b["best_psnr"]
+
+
+def test_resume_refuses_contradicting_architecture(run_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model_dir", run_dir, "--g_dim", "32", "--z_dim", "4"])
+    assert e.value.code == 2 and "--g_dim contradict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_past", "20", "--n_future", "11"], "--n_past 20 and --n_future 11"),
+    (["--batch_size", "1"], "--batch_size 1: BatchNorm"),
+    (["--tfr", "1.5"], "--tfr 1.5: must be in [0, 1]"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--data_root", "/nonexistent"], "--data_root /nonexistent: expected a 'train' directory"),
+    (["--model_dir", "/nonexistent"], "--model_dir /nonexistent"),
+] + ([] if torch.cuda.is_available() else [(["--cuda"], "CUDA is not available"),
+                                           (["--amp", "fp16"], "--amp fp16 needs CUDA")]))
+def test_bad_flags_are_named(sim_root, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data_root", sim_root, "--log_dir", str(tmp_path), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_checkpoints_fail_clearly(run_dir, tmp_path):
+    good = open(os.path.join(run_dir, "model.pth"), "rb").read()
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"this is not a checkpoint" * 10,
+    }
+    for name, data in cases.items():
+        (tmp_path / f"{name}.pth").write_bytes(data)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a pickled module, as the sample saves
+    torch.save({"model": {}}, tmp_path / "foreign.pth")
+    expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
+                "module.pth": "not a readable checkpoint", "foreign": "not a checkpoint of this project"}
+    for name, msg in expected.items():
+        path = tmp_path / (name if name.endswith(".pth") else f"{name}.pth")
+        with pytest.raises(utils.CheckpointError, match=msg):
+            utils.load_checkpoint(str(path))
+    ckpt = utils.load_checkpoint(os.path.join(run_dir, "model.pth"))
+    ckpt["model"]["encoder.c1.0.0.weight"] = torch.zeros(5, 3, 3, 3)
+    ckpt["version"] = 1
+    torch.save(ckpt, tmp_path / "model.pth")
+    with pytest.raises(SystemExit, match="weights do not fit the architecture"):
+        test_script.main(["--model_dir", str(tmp_path)])
+    ckpt["version"] = 99
+    torch.save(ckpt, tmp_path / "model.pth")
+    with pytest.raises(SystemExit, match="format version 99"):
+        test_script.main(["--model_dir", str(tmp_path)])
+
+
+def test_kill_during_save_keeps_previous_checkpoint(run_dir, tmp_path):
+    target = tmp_path / "last.pth"
+    target.write_bytes(open(os.path.join(run_dir, "last.pth"), "rb").read())
+    before = target.read_bytes()
+    code = ("import os, sys, utils\n"
+            "def writer(f):\n    f.write(b'x' * 100000); f.flush(); os._exit(9)\n"
+            f"utils.atomic_write({str(target)!r}, writer)\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 9
+    assert target.read_bytes() == before
+    assert utils.load_checkpoint(str(target))["step"] == 6
+
+
+def test_full_disk_stops_cleanly(sim_root, tmp_path, monkeypatch, capsys):
+    run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "2", "--plot_every", "9")
+    before = open(os.path.join(run, "last.pth"), "rb").read()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model_dir", run, "--niter", "2"])
+    assert "No space left on device" in str(e.value) and "is intact" in str(e.value)
+    assert open(os.path.join(run, "last.pth"), "rb").read() == before
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+
+
+def test_non_finite_steps_are_skipped_then_stop(sim_root, tmp_path, monkeypatch):
+    real_forward = train.CVAE.forward
+    calls = {"n": 0}
+
+    def nan_after_first(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 2:
+                out["mse"] = out["mse"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train.CVAE, "forward", nan_after_first)
+    with pytest.raises(SystemExit, match="3 consecutive non-finite steps"):
+        _train(sim_root, tmp_path, "--niter", "2", "--epoch_size", "5", "--max_bad_steps", "3")
+    run = os.path.join(tmp_path, [d for d in os.listdir(tmp_path) if d.startswith("rnn")][0])
+    ckpt = utils.load_checkpoint(os.path.join(run, "last.pth"))
+    assert ckpt["skipped_steps"] == 3 and ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_mixed_precision_and_channels_last_run(sim_root, tmp_path):
+    run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "2", "--amp", "bf16", "--channels_last",
+                 "--plot_every", "9")
+    m = test_script.main(["--model_dir", run, "--amp", "bf16", "--out", str(tmp_path / "t")])
+    assert 5 < m["psnr"] < 100
