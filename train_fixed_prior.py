@@ -179,10 +179,15 @@ def resolve_args(parser, argv):
     args = parser.parse_args(argv)
     if not args.model_dir:
         return args, None, []
+    if not os.path.isdir(args.model_dir):
+        parser.error(f"--model_dir {args.model_dir}: no such run directory")
     path = os.path.join(args.model_dir, "last.pth")
     if not os.path.isfile(path):
         path = os.path.join(args.model_dir, "model.pth")
-    ckpt = utils.load_checkpoint(path)
+    try:
+        ckpt = utils.load_checkpoint(path)
+    except utils.CheckpointError as e:
+        parser.error(f"--model_dir {args.model_dir}: {e}")
     given = explicit_flags(parser, argv) - {"model_dir"}
     saved = ckpt["args"]
     clash = [k for k in ARCH_KEYS + ("n_past", "n_future") if k in given and getattr(args, k) != saved.get(k)]
@@ -196,10 +201,7 @@ def resolve_args(parser, argv):
 
 def main(argv=None):
     parser = get_args_parser()
-    try:
-        args, resume, overrides = resolve_args(parser, argv)
-    except utils.CheckpointError as e:
-        parser.error(str(e))
+    args, resume, overrides = resolve_args(parser, argv)
     check_args(args, parser)
     world, rank, local_rank = setup_distributed()
     main_proc = rank == 0
@@ -250,6 +252,9 @@ def main(argv=None):
         if world > 1 else model
 
     run_dir = args.model_dir or os.path.join(args.log_dir, utils.run_name(args))
+    if resume is None and os.path.isfile(os.path.join(run_dir, "last.pth")):
+        parser.error(f"{run_dir} already holds a run: resume it with --model_dir {run_dir}, or choose another "
+                     f"--log_dir (nothing was overwritten)")
     gen_dir = os.path.join(run_dir, "gen")
     record_path, metrics_path = os.path.join(run_dir, "train_record.txt"), os.path.join(run_dir, "metrics.csv")
     writer = None
@@ -288,16 +293,16 @@ def main(argv=None):
         stop["signal"] = signum
         print(f"\n[signal {signum}] saving last.pth after this iteration, then stopping", flush=True)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, request_stop)
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint(path, collective=True):
         """Save on rank 0; collective calls also gather every rank's RNG state for an exact resume."""
         rngs = [utils.rng_state()]
+        checksums = [sum(p.double().sum().item() for p in model.parameters())]
         if world > 1 and collective:
             gathered = [None] * world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+            dist.all_gather_object(gathered, (rngs[0], checksums[0]))
+            rngs, checksums = [g[0] for g in gathered], [g[1] for g in gathered]
         if not main_proc:
             return
         utils.save_checkpoint(path, {
@@ -305,7 +310,8 @@ def main(argv=None):
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "args": vars(args), "arch": {k: getattr(args, k) for k in ARCH_KEYS},
             "epoch": epoch, "epoch_it": epoch_it, "step": step, "tfr": tfr, "best_psnr": best_psnr,
-            "epoch_sums": epoch_sums, "skipped_steps": skipped, "world_size": world, "rng": rngs})
+            "epoch_sums": epoch_sums, "skipped_steps": skipped, "world_size": world, "rng": rngs,
+            "rank_param_checksums": checksums})
 
     T = args.n_past + args.n_future
     last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "model.pth")
@@ -420,6 +426,8 @@ def main(argv=None):
         sys.exit(f"error: {e}. The previous checkpoint {last_path} is intact; free space and resume with "
                  f"--model_dir {run_dir}")
     finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         if writer is not None:
             writer.close()
         if world > 1 and dist.is_initialized():

@@ -90,6 +90,15 @@ def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch):
     assert a["best_psnr"] == b["best_psnr"]
 
 
+def test_an_existing_run_is_never_overwritten(run_dir, sim_root, capsys):
+    before = open(os.path.join(run_dir, "last.pth"), "rb").read()
+    with pytest.raises(SystemExit):
+        _train(sim_root, __import__("pathlib").Path(os.path.dirname(run_dir)), "--niter", "2", "--epoch_size", "3",
+               "--eval_every", "1", "--plot_every", "2", "--tfr_decay_step", "0.5", "--kl_anneal_cyclical")
+    assert "already holds a run" in capsys.readouterr().err
+    assert open(os.path.join(run_dir, "last.pth"), "rb").read() == before
+
+
 def test_resume_refuses_contradicting_architecture(run_dir, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--model_dir", run_dir, "--g_dim", "32", "--z_dim", "4"])
