@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do: no spinning OpenMP threads
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 BAIR_REAL = os.path.join(REPO, "..", "shared", "bair_real")
