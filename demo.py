@@ -10,10 +10,8 @@ and the shuffled/zero ablations that show the actions are used), and prints the 
 
 Re-running the same command resumes the run from its last checkpoint (and returns at once when done).
 """
-import os
-
 import argparse
-import json
+import os
 import sys
 import time
 
@@ -28,7 +26,7 @@ RECIPES = {
     "demo": ["--base_channels", "8", "--g_dim", "64", "--z_dim", "16", "--rnn_size", "128", "--batch_size", "16",
              "--niter", "8", "--epoch_size", "50", "--eval_every", "2", "--plot_every", "2", "--lr", "0.002",
              "--num_workers", "0", "--eval_batch_size", "64"],
-    "long": ["--base_channels", "16", "--g_dim", "128", "--z_dim", "32", "--rnn_size", "256", "--batch_size", "16",
+    "long": ["--base_channels", "8", "--g_dim", "64", "--z_dim", "16", "--rnn_size", "128", "--batch_size", "16",
              "--niter", "30", "--epoch_size", "100", "--eval_every", "3", "--plot_every", "3", "--lr", "0.002",
              "--num_workers", "0", "--eval_batch_size", "64"],
 }
