@@ -24,7 +24,7 @@ import utils
 # Every value is an ordinary train_fixed_prior.py flag; flags given on the command line win.
 RECIPES = {
     "demo": ["--base_channels", "8", "--g_dim", "64", "--z_dim", "16", "--rnn_size", "128", "--batch_size", "16",
-             "--niter", "8", "--epoch_size", "50", "--eval_every", "2", "--plot_every", "2", "--lr", "0.002",
+             "--niter", "6", "--epoch_size", "50", "--eval_every", "2", "--plot_every", "2", "--lr", "0.002",
              "--num_workers", "0", "--eval_batch_size", "64"],
     "long": ["--base_channels", "8", "--g_dim", "64", "--z_dim", "16", "--rnn_size", "128", "--batch_size", "16",
              "--niter", "30", "--epoch_size", "100", "--eval_every", "3", "--plot_every", "3", "--lr", "0.002",

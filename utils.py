@@ -293,8 +293,9 @@ def plot_curves(rows, path):
     axes[3].plot(ep, [r["tfr"] for r in rows], color="tab:orange", label="teacher forcing ratio")
     axes[3].set(title="schedules", xlabel="epoch", ylabel="tfr", ylim=(-0.05, 1.05))
     ax2 = axes[3].twinx()
-    ax2.plot(ep, [r["beta"] for r in rows], color="tab:red", label="KL weight")
-    ax2.set_ylabel("KL weight")
+    betas = [r["beta"] for r in rows]
+    ax2.plot(ep, betas, color="tab:red", label="KL weight")
+    ax2.set(ylabel="KL weight", ylim=(-0.05 * max(max(betas), 1e-12), 1.05 * max(max(betas), 1e-12)))
     axes[3].legend(handles=axes[3].get_lines() + ax2.get_lines(), loc="center right", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
