@@ -1,0 +1,557 @@
+"""Benchmark every fast path of the pipeline against its reference, in one run, on this machine.
+
+    python bench.py                                  # full run (~8 min on 2 CPU cores), writes bench.json
+    python bench.py --quick                          # reduced sizes (~2 min): a smoke test, not the headline
+    python bench.py --data_root data/processed_data  # use a real data set instead of a generated one
+
+Measured, each fast path next to its reference (median of repeats after warm-up, time.perf_counter):
+ 1. loader: decoded memory-mapped cache vs PNG decoding (`no_cache`), same split and items, tensors compared;
+    and whether one loader process outpaces what a training step at batch 12 consumes.
+ 2. training step at full width (forward + loss + backward + Adam): per-step rollout in fp32 (the reference)
+    vs the batched rollout in fp32, channels_last, and bf16 autocast.
+ 3. model FLOP/s (torch.utils.flop_counter on the meta device) against this machine's measured peak
+    (a large convolution and a large matmul) of the same precision.
+ 4. the graded evaluation (`utils.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences.
+ 5. batched PSNR/SSIM (`utils.batch_psnr`, `utils.batch_ssim`) vs the per-channel `utils.finn_eval_seq`.
+ 6. on paper: FLOPs of the course schedule and its time on one modern GPU at the fraction of peak achieved here.
+Without --data_root a small data set is generated in a temporary directory (make_sim_dataset.py when present,
+random PNG/CSV files otherwise). Where a figure is extrapolated (a subset scaled up, a smaller batch scaled by
+its FLOP count) the table and bench.json say so.
+"""
+import os
+
+# As the entry points do (train_fixed_prior.py, test.py): OpenMP threads sleep instead of spinning while
+# they wait, which keeps timings sane when anything else runs on the CPU. Set before torch loads OpenMP;
+# an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import functools
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import utils
+from dataset import bair_robot_pushing_dataset
+from models import CVAE
+
+N_PAST, N_FUTURE = 2, 10
+T = N_PAST + N_FUTURE  # frames per training clip
+COURSE_ITERS = 300 * 600  # --niter x --epoch_size of the course schedule
+GPU = {"name": "NVIDIA A100 SXM (dense, no sparsity)", "fp32": 19.5e12, "bf16": 312e12}  # assumed peaks, FLOP/s
+
+# What each mode measures. train: (batch, warm-up steps, timed steps, configs or None for all fp32 ones);
+# 'best fp32' is the fastest fp32 configuration of the first batch size.
+PLANS = {
+    "full": dict(data=(64, 32, 32), cache_reads=2000, png_reads=60, headline_batch=12,
+                 train=[(12, 1, 2, None), (24, 0, 1, ("fp32 per-step", "best fp32"))],
+                 bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32, eval_configs=((32, False),),
+                 metric_seqs=256, metric_repeats=1, finn_seqs=16),
+    "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
+                  train=[(2, 1, 1, None)], bf16=("bf16 batched CL",), eval_seqs=16, eval_configs=((16, False),),
+                  metric_seqs=32, metric_repeats=1, finn_seqs=4),
+}
+# name -> (rollout batched, amp, channels_last)
+TRAIN_CONFIGS = {
+    "fp32 per-step": (False, "off", False),  # the reference
+    "fp32 batched": (True, "off", False),
+    "fp32 batched CL": (True, "off", True),
+    "bf16 batched": (True, "bf16", False),
+    "bf16 batched CL": (True, "bf16", True),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Benchmark the fast paths against their references",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_root", default="", help="lab-layout data set to read; empty: generate a small one in a temp dir")
+    p.add_argument("--quick", action="store_true", help="reduced sizes (~2 min): smoke test, figures not the headline")
+    p.add_argument("--out", default="bench.json", help="where to write all figures and the machine info")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="also profile one fp32 batched step and print its top ops")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup=1, repeats=3):
+    """Median wall time of fn() over `repeats` calls after `warmup` calls, and every timed call."""
+    for _ in range(warmup):
+        fn()
+        sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+class CpuMonitor:
+    """CPU time used by other processes (and hypervisor steal) between laps, from Linux /proc/stat.
+
+    Two cores shared with anything else make every timing here slower, and the many small ops of the
+    per-step rollout slower still (an OpenMP region waits for its slowest thread), so each section
+    reports how many cores other processes kept busy while it ran."""
+
+    def __init__(self):
+        self.last = self.snap()
+
+    @staticmethod
+    def snap():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait, incl. steal
+        except (OSError, ValueError):
+            busy = None
+        return time.perf_counter(), busy, sum(os.times()[:4])
+
+    def lap(self):
+        """Average number of cores busy with other work since the last lap (None when unknown)."""
+        (w0, b0, o0), (w1, b1, o1) = self.last, self.snap()
+        self.last = (w1, b1, o1)
+        if b0 is None or b1 is None or w1 <= w0:
+            return None
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / (w1 - w0))
+
+
+def machine_info(device):
+    flags, model = set(), platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def native_bf16(device, info):
+    return device.type == "cuda" or info["cpu_flags"]["avx512_bf16"] or info["cpu_flags"]["amx_bf16"]
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    mag = abs(x)
+    s = f"{x:.3g}" if mag < 1000 else f"{x:,.0f}"
+    return s + unit
+
+
+def make_dataset(root, counts):
+    """A small lab-layout data set: the simulator when present, random PNG/CSV files otherwise."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(here, "make_sim_dataset.py")):
+        from make_sim_dataset import generate
+        generate(root, *counts, seed=0, workers=os.cpu_count(), progress=False)
+        return "make_sim_dataset.generate"
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "validate", "test"), counts):
+        for k in range(n):
+            d = os.path.join(root, split, "traj_0_to_255.tfrecords", str(k))
+            os.makedirs(d)
+            for i in range(30):
+                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(os.path.join(d, f"{i}.png"))
+            np.savetxt(os.path.join(d, "actions.csv"), rng.normal(size=(30, 4)), delimiter=",")
+            np.savetxt(os.path.join(d, "endeffector_positions.csv"), rng.normal(size=(30, 3)), delimiter=",")
+    return "random PNG/CSV (incompressible frames: PNG decoding slower than on real data)"
+
+
+def dataset_args(data_root, cache_dir, no_cache=False, n_eval=30):
+    return SimpleNamespace(data_root=data_root, n_past=N_PAST, n_future=N_FUTURE, n_eval=n_eval, no_cache=no_cache,
+                           cache_dir=cache_dir, skip_bad_sequences=False, num_workers=0, quiet=True)
+
+
+def count_flops(B, batched, train=True, steps=T):
+    """FLOPs of one forward (+ backward when train) of the full-width model at batch B (counted ops are
+    convolutions and matmuls, all linear in B, so one batch of 2 is counted and scaled; the Adam update
+    and elementwise ops are not counted)."""
+    return B * _count_flops_b2(batched, train, steps) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _count_flops_b2(batched, train, steps):
+    model = CVAE().to("meta")  # shapes only: nothing is computed
+    frames = torch.empty(2, steps, 3, 64, 64, device="meta")  # 2: BatchNorm refuses a single value in training
+    conds = torch.empty(2, steps, 7, device="meta")
+    noise = torch.empty(2, steps - 1, model.z_dim, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            out = model(frames, conds, N_PAST, teacher_forcing=True, batched=batched, noise=noise)
+            (out["mse"] + out["kld"]).backward()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(frames, conds, N_PAST, teacher_forcing=False, prior=True, noise=noise)
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Loader
+def bench_loader(data_root, cache_dir, plan):
+    t0 = time.perf_counter()
+    cached = bair_robot_pushing_dataset(dataset_args(data_root, cache_dir), "train")
+    build_s = time.perf_counter() - t0
+    png = bair_robot_pushing_dataset(dataset_args(data_root, cache_dir, no_cache=True), "train")
+    n = len(cached)
+
+    def read(ds, count):
+        return lambda: [ds[i % n] for i in range(count)]
+
+    read(cached, min(n, 32))()  # page the memory map in
+    cache_s, _ = timed(read(cached, plan["cache_reads"]), torch.device("cpu"), warmup=0, repeats=5)
+    png_s, _ = timed(read(png, plan["png_reads"]), torch.device("cpu"), warmup=1, repeats=3)
+    identical = all(torch.equal(a, b) for i in range(min(n, plan["png_reads"])) for a, b in zip(cached[i], png[i]))
+    return {"split": "train", "sequences": n, "frames_per_item": cached.seq_len, "cache_build_s": build_s,
+            "cache_seq_per_s": plan["cache_reads"] / cache_s, "png_seq_per_s": plan["png_reads"] / png_s,
+            "cache_reads": plan["cache_reads"], "png_reads": plan["png_reads"], "identical": identical}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Training step
+def train_step_seconds(config, B, device, warmup, repeats, steps=T):
+    batched, amp, channels_last = TRAIN_CONFIGS[config]
+    torch.manual_seed(0)
+    model = CVAE().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=0.002, betas=(0.9, 0.999), fused=True)  # as train_fixed_prior.py
+    frames = torch.rand(B, steps, 3, 64, 64, device=device)
+    conds = torch.randn(B, steps, 7, device=device)
+
+    def step():
+        with utils.autocast(device, amp):
+            out = model(frames, conds, N_PAST, teacher_forcing=True, batched=batched)
+        loss = out["mse"] + 1.0 * out["kld"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sec, times = timed(step, device, warmup, repeats)
+    del model, opt
+    gc.collect()
+    return sec, times
+
+
+def bench_train(device, plan, bf16_native, log):
+    """Seconds per training step of each configuration, keyed '<config> b<batch>'.
+
+    bf16 runs at the headline batch when the hardware has bf16 units; otherwise (emulated, ~100x slower
+    than fp32 per FLOP) one step runs at batch 1 and is scaled to the headline batch by the FLOP count.
+    """
+    res = {}
+
+    def record(name, B, probe_b, warmup, repeats):
+        sec, times = train_step_seconds(name, probe_b, device, warmup, repeats)
+        probe_flops, flops = count_flops(probe_b, TRAIN_CONFIGS[name][0]), count_flops(B, TRAIN_CONFIGS[name][0])
+        res[f"{name} b{B}"] = {"config": name, "batch": B, "s": sec * flops / probe_flops, "flops": flops,
+                               "probe_batch": probe_b, "probe_s": sec, "probe_flops": probe_flops, "times": times,
+                               "warmup": warmup, "repeats": repeats}
+        log(f"  {name:16s} b{probe_b}: {sec:6.2f} s/step  {probe_flops / sec / 1e9:6.1f} GFLOP/s  "
+            f"(timed: {', '.join(f'{t:.2f}' for t in times)})")
+
+    for B, warmup, repeats, only in plan["train"]:
+        names = [n for n in TRAIN_CONFIGS if n.startswith("fp32")] if only is None else list(only)
+        if "best fp32" in names:  # the fastest fp32 configuration of the first batch size
+            b0 = plan["train"][0][0]
+            fastest = min((r for r in res.values() if r["batch"] == b0 and r["config"].startswith("fp32")),
+                          key=lambda r: r["s"])
+            names[names.index("best fp32")] = fastest["config"]
+        for name in names:
+            record(name, B, B, warmup, repeats)
+    B = plan["headline_batch"]
+    for name in plan["bf16"]:
+        record(name, B, *((B, 1, 1) if bf16_native else (1, 0, 1)))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Peak FLOP/s
+def bench_peak(device, bf16_native):
+    """Best FLOP/s of a large 3x3 convolution (both memory formats) and a large matmul, per precision."""
+    res = {}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        slow = dtype == torch.bfloat16 and not bf16_native  # emulated bf16 is ~100x slower: keep it small
+        N, n_mm, repeats = (2, 512, 1) if slow else (32, 2048, 5)
+        x = torch.randn(N, 256, 32, 32, device=device, dtype=dtype)
+        w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype)
+        a = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+        kernels = {}
+        with torch.no_grad():
+            for mf_name, mf in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+                xm, wm = x.contiguous(memory_format=mf), w.contiguous(memory_format=mf)
+                s, _ = timed(lambda: torch.nn.functional.conv2d(xm, wm, padding=1), device, 1, repeats)
+                kernels[f"conv3x3 ({N},256,32,32)x(256,256,3,3) {mf_name}"] = 2 * N * 256 * 32 * 32 * 256 * 9 / s
+            s, _ = timed(lambda: a @ a, device, 1, repeats)
+            kernels[f"matmul {n_mm}x{n_mm}x{n_mm}"] = 2 * n_mm ** 3 / s
+        res[name] = {"peak": max(kernels.values()), "kernels": kernels}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Evaluation
+def bench_eval(data_root, cache_dir, device, plan, log):
+    test = bair_robot_pushing_dataset(dataset_args(data_root, cache_dir, n_eval=0), "test")
+    n = min(len(test), 256, plan["eval_seqs"])
+    subset = torch.utils.data.Subset(test, range(n))
+    res = {}
+    for bs, channels_last in plan["eval_configs"]:
+        torch.manual_seed(0)
+        model = CVAE().to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.eval()
+        with torch.no_grad():  # warm-up: the same batch shapes on a 3-frame clip
+            b = min(bs, n)
+            model(torch.rand(b, 3, 3, 64, 64, device=device), torch.zeros(b, 3, 7, device=device), N_PAST,
+                  teacher_forcing=False, prior=True)
+        sync(device)
+        t0 = time.perf_counter()
+        out = utils.evaluate(model, subset, N_PAST, N_FUTURE, device, batch_size=bs)
+        sync(device)
+        sec = time.perf_counter() - t0
+        assert out["n_sequences"] == n
+        name = f"eval bs{bs}" + (" CL" if channels_last else "")
+        res[name] = {"batch_size": bs, "channels_last": channels_last, "sequences_timed": n, "s": sec,
+                     "s_256": sec * 256 / n, "scaled_from": None if n == 256 else n}
+        log(f"  {name}: {sec:.1f} s for {n} sequences -> {sec * 256 / n:.1f} s for 256")
+        del model
+        gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Metrics
+def bench_metrics(device, plan):
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(plan["metric_seqs"], N_FUTURE, 3, 64, 64, generator=g)
+    pred = (gt + 0.1 * torch.randn(gt.shape, generator=g)).clamp(0, 1)
+    gt, pred = gt.to(device), pred.to(device)
+    utils.batch_psnr(gt[:2], pred[:2]), utils.batch_ssim(gt[:2], pred[:2])  # warm-up
+    batched = lambda: (utils.batch_psnr(gt, pred), utils.batch_ssim(gt, pred))
+    batched_s, _ = timed(batched, device, warmup=0, repeats=plan["metric_repeats"])
+    psnr, ssim = batched()
+    k = plan["finn_seqs"]
+    gt_seq = [gt[:k, t].cpu() for t in range(N_FUTURE)]  # the sample's time-major list of (B, C, H, W)
+    pred_seq = [pred[:k, t].cpu() for t in range(N_FUTURE)]
+    t0 = time.perf_counter()
+    _, ssim_ref, psnr_ref = utils.finn_eval_seq(gt_seq, pred_seq)  # each (k, T)
+    finn_s = time.perf_counter() - t0
+    diff = max(np.abs(psnr[:k].cpu().numpy() - psnr_ref).max(), np.abs(ssim[:k].cpu().numpy() - ssim_ref).max())
+    return {"shape": list(gt.shape), "batched_s": batched_s, "finn_s": finn_s, "finn_sequences_timed": k,
+            "finn_s_scaled": finn_s * gt.shape[0] / k, "max_abs_diff": float(diff)}
+
+
+def profile_step(device, B, log):
+    """Top ops (self time) of one fp32 batched training step."""
+    from torch.profiler import ProfilerActivity, profile
+    model = CVAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.002, fused=True)
+    frames, conds = torch.rand(B, T, 3, 64, 64, device=device), torch.randn(B, T, 7, device=device)
+
+    def step():
+        out = model(frames, conds, N_PAST, teacher_forcing=True, batched=True)
+        opt.zero_grad(set_to_none=True)
+        (out["mse"] + out["kld"]).backward()
+        opt.step()
+
+    step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+            "calls": e.count} for e in events[:12]]
+    log(f"  fp32 batched step, batch {B}, self CPU time:")
+    for r in top:
+        log(f"  {r['op'][:44]:44s} {r['self_s']:7.2f} s  {100 * r['share']:5.1f}%  {r['calls']:5d} calls")
+    return top
+
+
+# ----------------------------------------------------------------------------------------------------
+# The table
+def make_table(plan, loader, train, peak, evals, metrics):
+    B = plan["headline_batch"]
+    at_b = {r["config"]: r for r in train.values() if r["batch"] == B}
+    ref = at_b["fp32 per-step"]
+    best32 = min((r for k, r in at_b.items() if k.startswith("fp32")), key=lambda r: r["s"])
+    best = min(at_b.values(), key=lambda r: r["s"])
+    bf16 = at_b.get("bf16 batched") or at_b.get("bf16 batched CL")
+    best16 = min((r for k, r in at_b.items() if k.startswith("bf16")), key=lambda r: r["s"])
+    rows = []
+
+    def row(name, measured, reference, ratio, target="", met=None):
+        rows.append({"name": name, "measured": measured, "reference": reference, "ratio": ratio, "target": target,
+                     "met": None if met is None else bool(met)})
+
+    # 1. loader; the demand is that of the fastest measured step, at batch 12 (scaled by FLOPs if needed)
+    step12 = best["s"] * count_flops(12, TRAIN_CONFIGS[best["config"]][0]) / best["flops"]
+    r = loader["cache_seq_per_s"] / loader["png_seq_per_s"]
+    row("loader: cache vs PNG (seq/s)", loader["cache_seq_per_s"], loader["png_seq_per_s"], r, ">= 20x", r >= 20)
+    row("loader: cache == PNG tensors", "yes" if loader["identical"] else "NO", "", None, "identical",
+        loader["identical"])
+    r = loader["cache_seq_per_s"] / (12 / step12)
+    row("loader: 1 process vs b12 step demand (seq/s)", loader["cache_seq_per_s"], 12 / step12, r, "> 1x", r > 1)
+    # 2. training steps, ratio = reference seconds / seconds
+    for rec in train.values():
+        ref_b = train.get(f"fp32 per-step b{rec['batch']}")
+        how = (f", from b{rec['probe_batch']} x FLOPs" if rec["probe_batch"] != rec["batch"] else "") + \
+              (f", {rec['repeats']} step, no warm-up" if rec["warmup"] == 0 else "")
+        is_target = rec["batch"] == B and (rec is bf16 or rec is best)
+        r = ref_b["s"] / rec["s"] if ref_b else None
+        row(f"train b{rec['batch']} {rec['config']} (s/step{how})", rec["s"], ref_b["s"] if ref_b else None, r,
+            ">= 1.8x" if is_target else "", (r >= 1.8) if is_target else None)
+    # 3. achieved FLOP/s against the measured peak of the same precision
+    for rec, prec in ((best32, "fp32"), (best16, "bf16")):
+        achieved = rec["probe_flops"] / rec["probe_s"]
+        frac = achieved / peak[prec]["peak"]
+        row(f"model GFLOP/s {prec} ({rec['config']} b{rec['probe_batch']}) vs peak", achieved / 1e9,
+            peak[prec]["peak"] / 1e9, frac, ">= 0.70", frac >= 0.7)
+    # 4. evaluation of 256 sequences
+    for name, rec in evals.items():
+        note = f", {rec['sequences_timed']} seq x {256 / rec['sequences_timed']:g}" if rec["scaled_from"] else ""
+        row(f"{name}: 256 test seq (s{note})", rec["s_256"], 120.0, rec["s_256"] / 120, "< 120 s", rec["s_256"] < 120)
+    # 5. metrics
+    r = metrics["finn_s_scaled"] / metrics["batched_s"]
+    row(f"metrics {metrics['shape'][0]}x{N_FUTURE} frames (s, finn: {metrics['finn_sequences_timed']} seq scaled)",
+        metrics["batched_s"], metrics["finn_s_scaled"], r, ">= 50x", r >= 50)
+    row("metrics: max |batched - finn|", metrics["max_abs_diff"], "", None, "< 1e-5", metrics["max_abs_diff"] < 1e-5)
+    summary = {"best": best, "best_fp32": best32, "reference": ref, "step_b12_s": step12,
+               "fp32_fraction": best32["probe_flops"] / best32["probe_s"] / peak["fp32"]["peak"]}
+    return rows, summary
+
+
+def print_table(rows, log):
+    head = ("name", "measured", "reference", "ratio", "target", "met")
+    cells = [[x["name"], fmt(x["measured"]), fmt(x["reference"]), fmt(x["ratio"], "x") if x["ratio"] else "",
+              x["target"], {None: "", True: "yes", False: "NO"}[x["met"]]] for x in rows]
+    widths = [max(len(str(c[i])) for c in cells + [list(head)]) for i in range(len(head))]
+    line = lambda c: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
+    log(line(head))
+    log("-" * len(line(head)))
+    for c in cells:
+        log(line(c))
+
+
+# ----------------------------------------------------------------------------------------------------
+def main(args):
+    t_start = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    plan = PLANS["quick" if args.quick else "full"]
+    log = lambda s: print(s, flush=True)
+    info = machine_info(device)
+    bf16_native = native_bf16(device, info)
+    monitor, contention, section_s = CpuMonitor(), {}, {}
+    time.sleep(1.0)
+    contention["before start"] = other = monitor.lap()
+    if other is not None and other > 0.2:
+        log(f"WARNING: other processes keep {other:.1f} of {os.cpu_count()} cores busy: every timing will be slower "
+            f"(rerun on an idle machine, or with --threads {max(1, round(os.cpu_count() - other))})")
+    log(f"bench ({'quick' if args.quick else 'full'}): torch {info['torch']}, {info['cpu']}, {info['threads']} "
+        f"threads, device {device}{' (' + info['gpu'] + ')' if info['gpu'] else ''}, native bf16: {bf16_native}")
+
+    def section(name, fn, *a):
+        log(name)
+        monitor.lap()
+        t0 = time.perf_counter()
+        out = fn(*a)
+        contention[name] = other = monitor.lap()
+        section_s[name] = time.perf_counter() - t0
+        if other is not None and other > 0.2:
+            log(f"  WARNING: other processes kept {other:.1f} cores busy during this section: its figures are slowed")
+        return out
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data_root, source = args.data_root, "given"
+        if not data_root:
+            data_root = os.path.join(tmp, "data")
+            t0 = time.perf_counter()
+            source = make_dataset(data_root, plan["data"])
+            log(f"data: {plan['data']} train/validate/test sequences from {source} in {time.perf_counter() - t0:.0f} s")
+        cache_dir = os.path.join(tmp, "cache")
+        loader = section("1. loader", bench_loader, data_root, cache_dir, plan)
+        train = section("2. training steps (full width, T = 12, teacher forcing)", bench_train, device, plan,
+                        bf16_native, log)
+        peak = section("3. peak FLOP/s", bench_peak, device, bf16_native)
+        evals = section("4. evaluation (utils.evaluate, n_past 2, n_future 10)", bench_eval, data_root, cache_dir,
+                        device, plan, log)
+        metrics = section("5. metrics", bench_metrics, device, plan)
+        top_ops = section("profile", profile_step, device, plan["headline_batch"], log) if args.profile else None
+
+    rows, summary = make_table(plan, loader, train, peak, evals, metrics)
+    log("\n" + ("QUICK RUN: reduced sizes, not the headline figures\n" if args.quick else ""))
+    print_table(rows, log)
+
+    # 6. on paper: the course schedule
+    best, ref, frac = summary["best"], summary["reference"], summary["fp32_fraction"]
+    flops_iter = count_flops(12, True)
+    total = flops_iter * COURSE_ITERS
+    paper = {"flops_per_iteration_b12": flops_iter, "flops_per_iteration_b12_per_step": count_flops(12, False),
+             "course_iterations": COURSE_ITERS, "course_flops": total, "gpu": GPU, "fraction_of_peak": frac,
+             "this_machine_s_per_iteration": summary["step_b12_s"],
+             "this_machine_days": summary["step_b12_s"] * COURSE_ITERS / 86400,
+             "gpu_fp32_hours": total / (GPU["fp32"] * frac) / 3600, "gpu_bf16_hours": total / (GPU["bf16"] * frac) / 3600}
+    eval_best = min(evals, key=lambda k: evals[k]["s_256"])
+    log(f"\nbest training configuration at batch {plan['headline_batch']}: {best['config']} "
+        f"({ref['s'] / best['s']:.2f}x the fp32 per-step reference); fastest evaluation: {eval_best} "
+        f"({evals[eval_best]['s_256']:.0f} s for 256 sequences, {count_flops(256, True, train=False) / 1e12:.1f} TFLOP)")
+    log(f"on paper: {flops_iter / 1e12:.2f} TFLOP per iteration (batch 12, batched rollout, forward + backward; "
+        f"per-step rollout {paper['flops_per_iteration_b12_per_step'] / 1e12:.2f}) x {COURSE_ITERS:,} iterations "
+        f"(300 epochs x 600) = {total:.3g} FLOP")
+    log(f"  this machine at {summary['step_b12_s']:.1f} s/iteration: {paper['this_machine_days']:.0f} days")
+    log(f"  one {GPU['name']} at {100 * frac:.0f}% of peak (the fp32 fraction measured here): "
+        f"fp32 {GPU['fp32'] / 1e12:g} TFLOP/s -> {paper['gpu_fp32_hours']:.1f} h; "
+        f"bf16 tensor cores {GPU['bf16'] / 1e12:g} TFLOP/s -> {paper['gpu_bf16_hours']:.2f} h")
+    ssim_share = metrics["batched_s"] / (metrics["shape"][0] * N_FUTURE) * 256 * N_FUTURE
+    log(f"  of the evaluation, batch_psnr + batch_ssim take about {ssim_share:.0f} s for 256 sequences (section 5)")
+    busy = {k: v for k, v in contention.items() if v is not None and v > 0.2}
+    if busy:
+        log("WARNING: other processes were using the CPUs during: " +
+            ", ".join(f"{k.split(' (')[0]} ({v:.1f} cores)" for k, v in busy.items()) + "; rerun on an idle machine")
+
+    result = {"mode": "quick" if args.quick else "full", "plan": plan, "machine": info, "bf16_native": bf16_native,
+              "data": {"root": args.data_root or None, "source": source},
+              "other_processes_cores": contention, "section_s": section_s, "loader": loader, "train": train, "peak_flops": peak,
+              "eval": evals, "metrics": metrics, "paper": paper, "profile_top_ops": top_ops, "table": rows,
+              "wall_s": time.perf_counter() - t_start}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    log(f"\nwrote {args.out} ({result['wall_s']:.0f} s wall)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
