@@ -52,12 +52,12 @@ GPU = {"name": "NVIDIA A100 SXM (dense, no sparsity)", "fp32": 19.5e12, "bf16": 
 # 'best fp32' is the fastest fp32 configuration of the first batch size.
 PLANS = {
     "full": dict(data=(64, 32, 32), cache_reads=2000, png_reads=60, headline_batch=12,
-                 train=[(12, 1, 2, None), (24, 0, 1, ("fp32 per-step", "best fp32"))],
+                 train=[(12, 1, 3, None), (24, 0, 1, ("fp32 per-step", "best fp32"))],
                  bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32, eval_configs=((32, False),),
-                 metric_seqs=256, metric_repeats=1, finn_seqs=16),
+                 metric_seqs=256, metric_repeats=3, finn_seqs=16),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
-                  train=[(2, 1, 1, None)], bf16=("bf16 batched CL",), eval_seqs=16, eval_configs=((16, False),),
-                  metric_seqs=32, metric_repeats=1, finn_seqs=4),
+                  train=[(2, 1, 2, None)], bf16=("bf16 batched CL",), eval_seqs=16, eval_configs=((16, False),),
+                  metric_seqs=32, metric_repeats=3, finn_seqs=4),
 }
 # name -> (rollout batched, amp, channels_last)
 TRAIN_CONFIGS = {
@@ -271,13 +271,16 @@ def bench_train(device, plan, bf16_native, log):
     res = {}
 
     def record(name, B, probe_b, warmup, repeats):
+        monitor = CpuMonitor()
         sec, times = train_step_seconds(name, probe_b, device, warmup, repeats)
+        other = monitor.lap()
         probe_flops, flops = count_flops(probe_b, TRAIN_CONFIGS[name][0]), count_flops(B, TRAIN_CONFIGS[name][0])
         res[f"{name} b{B}"] = {"config": name, "batch": B, "s": sec * flops / probe_flops, "flops": flops,
                                "probe_batch": probe_b, "probe_s": sec, "probe_flops": probe_flops, "times": times,
-                               "warmup": warmup, "repeats": repeats}
+                               "warmup": warmup, "repeats": repeats, "other_processes_cores": other}
         log(f"  {name:16s} b{probe_b}: {sec:6.2f} s/step  {probe_flops / sec / 1e9:6.1f} GFLOP/s  "
-            f"(timed: {', '.join(f'{t:.2f}' for t in times)})")
+            f"(timed: {', '.join(f'{t:.2f}' for t in times)}; other processes: "
+            f"{'?' if other is None else f'{other:.1f}'} cores)")
 
     for B, warmup, repeats, only in plan["train"]:
         names = [n for n in TRAIN_CONFIGS if n.startswith("fp32")] if only is None else list(only)
@@ -286,6 +289,7 @@ def bench_train(device, plan, bf16_native, log):
             fastest = min((r for r in res.values() if r["batch"] == b0 and r["config"].startswith("fp32")),
                           key=lambda r: r["s"])
             names[names.index("best fp32")] = fastest["config"]
+            names = list(dict.fromkeys(names))  # the reference may itself be the fastest
         for name in names:
             record(name, B, B, warmup, repeats)
     B = plan["headline_batch"]
