@@ -3,6 +3,8 @@
     python bench.py                                  # full run (~8 min on 2 CPU cores), writes bench.json
     python bench.py --quick                          # reduced sizes (~2 min): a smoke test, not the headline
     python bench.py --data_root data/processed_data  # use a real data set instead of a generated one
+    OMP_WAIT_POLICY=ACTIVE python bench.py           # spinning OpenMP threads (default here: PASSIVE, as the
+                                                     # scripts; on an idle CPU it slows the per-step rollout)
 
 Measured, each fast path next to its reference (median of repeats after warm-up, time.perf_counter):
  1. loader: decoded memory-mapped cache vs PNG decoding (`no_cache`), same split and items, tensors compared;
