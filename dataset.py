@@ -101,13 +101,6 @@ def load_sequence(seq_dir):
     return frames, conds
 
 
-def _check_sequence(seq_dir):
-    """None if loadable, else the error message (used to list bad sequences)."""
-    try:
-        load_sequence(seq_dir)
-        return None
-    except DataError as e:
-        return str(e)
 
 
 def _pad(messages, keep):
@@ -212,7 +205,7 @@ class bair_robot_pushing_dataset(Dataset):
         self.frames = self.conds = None
         if getattr(args, "no_cache", False):
             if skip_bad:  # content errors are only found by decoding; do it once here
-                bad.update({s: m for s in good if (m := _check_sequence(s)) is not None})
+                bad.update({s: m for s in good if (m := _load_or_none(s)[1]) is not None})
                 good = [s for s in good if s not in bad]
         else:
             cache_root = getattr(args, "cache_dir", "") or os.path.join(self.root, ".cache")
