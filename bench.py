@@ -8,8 +8,9 @@
 Measured, each fast path next to its reference (median of repeats after warm-up, time.perf_counter):
  1. loader: decoded memory-mapped cache vs PNG decoding (`no_cache`), same split and items, tensors compared;
     and whether one loader process outpaces what a training step at batch 12 consumes.
- 2. training step at full width (forward + loss + backward + Adam): per-step rollout in fp32 (the reference)
-    vs the batched rollout in fp32, channels_last, and bf16 autocast.
+ 2. training step at full width (forward + loss + backward + Adam): the per-step fp32 rollout as SVG's code and
+    the course's sample run it (the reference) vs this repository's per-step rollout, its batched rollout in
+    fp32, channels_last, and bf16 autocast.
  3. model FLOP/s (torch.utils.flop_counter on the meta device) against this machine's measured peak
     (a large convolution and a large matmul) of the same precision.
  4. the graded evaluation (`utils.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences.
@@ -34,6 +35,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,31 +44,63 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import utils
 from dataset import bair_robot_pushing_dataset
-from models import CVAE
+from models import CVAE, vgg_decoder
 
 N_PAST, N_FUTURE = 2, 10
 T = N_PAST + N_FUTURE  # frames per training clip
 COURSE_ITERS = 300 * 600  # --niter x --epoch_size of the course schedule
 GPU = {"name": "NVIDIA A100 SXM (dense, no sparsity)", "fp32": 19.5e12, "bf16": 312e12}  # assumed peaks, FLOP/s
 
+# name -> (rollout batched, amp, channels_last, SVG decoder). The reference is the rollout as SVG's code
+# and the course's sample code run it: one frame at a time, skips concatenated at every decoder step.
+Config = namedtuple("Config", "batched amp channels_last svg_decoder")
+TRAIN_CONFIGS = {
+    "fp32 per-step SVG": Config(False, "off", False, True),  # the reference
+    "fp32 per-step": Config(False, "off", False, False),  # this repository's per-step rollout (skip terms reused)
+    "fp32 batched": Config(True, "off", False, False),
+    "fp32 batched CL": Config(True, "off", True, False),
+    "bf16 batched": Config(True, "bf16", False, False),
+    "bf16 batched CL": Config(True, "bf16", True, False),
+}
+REFERENCE = "fp32 per-step SVG"
+
+
+class SVGDecoder(vgg_decoder):
+    """vgg_decoder run as SVG's code runs it: cat([upsampled, skip]) through each block's whole first
+    convolution, at every step. The same function as vgg_decoder (tests/test_models.py checks the
+    split against this concatenation), without the skip terms computed once per skip frame."""
+
+    def skip_terms(self, skips):
+        return skips
+
+    def forward(self, h, skips):
+        h, lead = h.reshape(-1, h.shape[-1]), h.shape[:-1]  # (N, dim)
+        skips = [s.reshape(-1, *s.shape[len(lead):]) for s in skips]  # each (N, c, r, r)
+        d = self.upc1(h[:, :, None, None])
+        for block, s in zip((self.upc2, self.upc3, self.upc4, self.upc5), reversed(skips)):
+            d = block(torch.cat([self.up(d), s], 1))
+        return d.reshape(*lead, *d.shape[1:])
+
+
+def make_model(config, device):
+    """The full-width model of a TRAIN_CONFIGS entry."""
+    model = CVAE()
+    if TRAIN_CONFIGS[config].svg_decoder:
+        model.decoder = SVGDecoder(model.g_dim)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if TRAIN_CONFIGS[config].channels_last else model
+
+
 # What each mode measures. train: (batch, warm-up steps, timed steps, configs or None for all fp32 ones);
 # 'best fp32' is the fastest fp32 configuration of the first batch size.
 PLANS = {
     "full": dict(data=(64, 32, 32), cache_reads=2000, png_reads=60, headline_batch=12,
-                 train=[(12, 1, 3, None), (24, 0, 1, ("fp32 per-step", "best fp32"))],
+                 train=[(12, 1, 3, None), (24, 0, 1, (REFERENCE, "best fp32"))],
                  bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32, eval_configs=((32, False),),
                  metric_seqs=256, metric_repeats=3, finn_seqs=16),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
                   train=[(2, 1, 2, None)], bf16=("bf16 batched CL",), eval_seqs=16, eval_configs=((16, False),),
                   metric_seqs=32, metric_repeats=3, finn_seqs=4),
-}
-# name -> (rollout batched, amp, channels_last)
-TRAIN_CONFIGS = {
-    "fp32 per-step": (False, "off", False),  # the reference
-    "fp32 batched": (True, "off", False),
-    "fp32 batched CL": (True, "off", True),
-    "bf16 batched": (True, "bf16", False),
-    "bf16 batched CL": (True, "bf16", True),
 }
 
 
@@ -193,16 +227,18 @@ def dataset_args(data_root, cache_dir, no_cache=False, n_eval=30):
                            cache_dir=cache_dir, skip_bad_sequences=False, num_workers=0, quiet=True)
 
 
-def count_flops(B, batched, train=True, steps=T):
-    """FLOPs of one forward (+ backward when train) of the full-width model at batch B (counted ops are
-    convolutions and matmuls, all linear in B, so one batch of 2 is counted and scaled; the Adam update
-    and elementwise ops are not counted)."""
-    return B * _count_flops_b2(batched, train, steps) // 2
+def count_flops(B, config, train=True, steps=T):
+    """FLOPs of one forward (+ backward when train) of the full-width model of a TRAIN_CONFIGS entry at
+    batch B (counted ops are convolutions and matmuls, all linear in B, so one batch of 2 is counted and
+    scaled; the Adam update and elementwise ops are not counted). Evaluation (train=False) always runs
+    the per-step rollout without teacher forcing."""
+    return B * _count_flops_b2(config, train, steps) // 2
 
 
 @functools.lru_cache(maxsize=None)
-def _count_flops_b2(batched, train, steps):
-    model = CVAE().to("meta")  # shapes only: nothing is computed
+def _count_flops_b2(config, train, steps):
+    batched = TRAIN_CONFIGS[config].batched
+    model = make_model(config, "meta")  # shapes only: nothing is computed
     frames = torch.empty(2, steps, 3, 64, 64, device="meta")  # 2: BatchNorm refuses a single value in training
     conds = torch.empty(2, steps, 7, device="meta")
     noise = torch.empty(2, steps - 1, model.z_dim, device="meta")
@@ -242,11 +278,9 @@ def bench_loader(data_root, cache_dir, plan):
 # ----------------------------------------------------------------------------------------------------
 # 2. Training step
 def train_step_seconds(config, B, device, warmup, repeats, steps=T):
-    batched, amp, channels_last = TRAIN_CONFIGS[config]
+    batched, amp = TRAIN_CONFIGS[config].batched, TRAIN_CONFIGS[config].amp
     torch.manual_seed(0)
-    model = CVAE().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = make_model(config, device)
     opt = torch.optim.Adam(model.parameters(), lr=0.002, betas=(0.9, 0.999), fused=True)  # as train_fixed_prior.py
     frames = torch.rand(B, steps, 3, 64, 64, device=device)
     conds = torch.randn(B, steps, 7, device=device)
@@ -277,7 +311,7 @@ def bench_train(device, plan, bf16_native, log):
         monitor = CpuMonitor()
         sec, times = train_step_seconds(name, probe_b, device, warmup, repeats)
         other = monitor.lap()
-        probe_flops, flops = count_flops(probe_b, TRAIN_CONFIGS[name][0]), count_flops(B, TRAIN_CONFIGS[name][0])
+        probe_flops, flops = count_flops(probe_b, name), count_flops(B, name)
         res[f"{name} b{B}"] = {"config": name, "batch": B, "s": sec * flops / probe_flops, "flops": flops,
                                "probe_batch": probe_b, "probe_s": sec, "probe_flops": probe_flops, "times": times,
                                "warmup": warmup, "repeats": repeats, "other_processes_cores": other}
@@ -424,7 +458,7 @@ def profile_step(device, B, log):
 def make_table(plan, loader, train, peak, evals, metrics):
     B = plan["headline_batch"]
     at_b = {r["config"]: r for r in train.values() if r["batch"] == B}
-    ref = at_b["fp32 per-step"]
+    ref = at_b[REFERENCE]
     best32 = min((r for k, r in at_b.items() if k.startswith("fp32")), key=lambda r: r["s"])
     best = min(at_b.values(), key=lambda r: r["s"])
     bf16 = at_b.get("bf16 batched") or at_b.get("bf16 batched CL")
@@ -436,7 +470,7 @@ def make_table(plan, loader, train, peak, evals, metrics):
                      "met": None if met is None else bool(met)})
 
     # 1. loader; the demand is that of the fastest measured step, at batch 12 (scaled by FLOPs if needed)
-    step12 = best["s"] * count_flops(12, TRAIN_CONFIGS[best["config"]][0]) / best["flops"]
+    step12 = best["s"] * count_flops(12, best["config"]) / best["flops"]
     r = loader["cache_seq_per_s"] / loader["png_seq_per_s"]
     row("loader: cache vs PNG (seq/s)", loader["cache_seq_per_s"], loader["png_seq_per_s"], r, ">= 20x", r >= 20)
     row("loader: cache == PNG tensors", "yes" if loader["identical"] else "NO", "", None, "identical",
@@ -445,7 +479,7 @@ def make_table(plan, loader, train, peak, evals, metrics):
     row("loader: 1 process vs b12 step demand (seq/s)", loader["cache_seq_per_s"], 12 / step12, r, "> 1x", r > 1)
     # 2. training steps, ratio = reference seconds / seconds
     for rec in train.values():
-        ref_b = train.get(f"fp32 per-step b{rec['batch']}")
+        ref_b = train.get(f"{REFERENCE} b{rec['batch']}")
         how = (f", from b{rec['probe_batch']} x FLOPs" if rec["probe_batch"] != rec["batch"] else "") + \
               (f", {rec['repeats']} step, no warm-up" if rec["warmup"] == 0 else "")
         is_target = rec["batch"] == B and (rec is bf16 or rec is best)
@@ -488,6 +522,7 @@ def print_table(rows, log):
 # ----------------------------------------------------------------------------------------------------
 def main(args):
     t_start = time.perf_counter()
+    malloc_tuned = utils.keep_freed_memory()  # as train_fixed_prior.py and test.py do
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -495,6 +530,7 @@ def main(args):
     plan = PLANS["quick" if args.quick else "full"]
     log = lambda s: print(s, flush=True)
     info = machine_info(device)
+    info["malloc_keeps_freed_memory"] = malloc_tuned
     bf16_native = native_bf16(device, info)
     monitor, contention, section_s = CpuMonitor(), {}, {}
     time.sleep(1.0)
@@ -541,9 +577,10 @@ def main(args):
 
     # 6. on paper: the course schedule
     best, ref, frac = summary["best"], summary["reference"], summary["fp32_fraction"]
-    flops_iter = count_flops(12, True)
+    flops_iter = count_flops(12, "fp32 batched")
     total = flops_iter * COURSE_ITERS
-    paper = {"flops_per_iteration_b12": flops_iter, "flops_per_iteration_b12_per_step": count_flops(12, False),
+    paper = {"flops_per_iteration_b12": flops_iter, "flops_per_iteration_b12_per_step": count_flops(12, "fp32 per-step"),
+             "flops_per_iteration_b12_svg": count_flops(12, REFERENCE),
              "course_iterations": COURSE_ITERS, "course_flops": total, "gpu": GPU, "fraction_of_peak": frac,
              "this_machine_s_per_iteration": summary["step_b12_s"],
              "this_machine_days": summary["step_b12_s"] * COURSE_ITERS / 86400,
@@ -553,9 +590,10 @@ def main(args):
     log(f"\nbest training configuration at batch {plan['headline_batch']}: {best['config']} "
         f"({ref['s'] / best['s']:.2f}x the fp32 per-step reference); fastest evaluation: {eval_best} "
         f"({evals[eval_best]['s_256']:.0f} s for 256 sequences, "
-        f"{count_flops(256, True, train=False) / 1e12:.1f} TFLOP)")
+        f"{count_flops(256, 'fp32 batched', train=False) / 1e12:.1f} TFLOP)")
     log(f"on paper: {flops_iter / 1e12:.2f} TFLOP per iteration (batch 12, batched rollout, forward + backward; "
-        f"per-step rollout {paper['flops_per_iteration_b12_per_step'] / 1e12:.2f}) x {COURSE_ITERS:,} iterations "
+        f"per-step rollout {paper['flops_per_iteration_b12_per_step'] / 1e12:.2f}, SVG's per-step rollout "
+        f"{paper['flops_per_iteration_b12_svg'] / 1e12:.2f}) x {COURSE_ITERS:,} iterations "
         f"(300 epochs x 600) = {total:.3g} FLOP")
     log(f"  this machine at {summary['step_b12_s']:.1f} s/iteration: {paper['this_machine_days']:.0f} days")
     log(f"  one {GPU['name']} at {100 * frac:.0f}% of peak (the fp32 fraction measured here): "

@@ -49,6 +49,7 @@ def get_args_parser():
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    utils.keep_freed_memory()
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error("--batch_size must be >= 1 and --num_workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():

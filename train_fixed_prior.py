@@ -208,6 +208,7 @@ def resolve_args(parser, argv):
 def main(argv=None):
     parser = get_args_parser()
     args, resume, overrides = resolve_args(parser, argv)
+    utils.keep_freed_memory()
     check_args(args, parser)
     world, rank, local_rank = setup_distributed()
     main_proc = rank == 0

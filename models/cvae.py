@@ -94,24 +94,29 @@ class CVAE(nn.Module):
             h_all, skips_all = self.encoder(frames[:, : 1 + max(n_post, steps - 1)])  # (B, T', g)
             z, mu, logvar = self._latents(h_all[:, 1: 1 + n_post], noise, n_post)
             g_pred, _ = self.frame_predictor(torch.cat([h_all[:, :steps], z, c], -1))  # (B, T-1, g)
-            src = torch.arange(steps, device=frames.device)
-            if not self.last_frame_skip:
-                src = src.clamp(max=n_past - 1)
-            pred = self.decoder(g_pred, [s[:, src] for s in skips_all])  # (B, T-1, C, H, W)
+            n_skip = steps if self.last_frame_skip else min(n_past, steps)  # distinct skip frames
+            src = torch.arange(steps, device=frames.device).clamp(max=n_skip - 1)  # step -> its skip frame
+            # Skip terms once per distinct skip frame, then one per step by indexing.
+            terms = self.decoder.skip_terms([s[:, :n_skip] for s in skips_all])
+            pred = self.decoder(g_pred, [t[:, src] for t in terms])  # (B, T-1, C, H, W)
         else:
-            # The posterior only ever sees ground truth, so its inputs can still be encoded at once.
-            h_target = None
-            if batched and n_post > 0:
-                h_target = self.encoder(frames[:, 1: 1 + n_post])[0]  # (B, n_post, g)
+            # The given frames and the posterior's targets are all ground truth, so they can still be
+            # encoded in one call (each frame once); only the fed-back predictions are encoded per step.
+            n_gt = max(n_past, n_post + 1) if batched and not teacher_forcing else 0
+            if n_gt:
+                h_gt, skips_gt = self.encoder(frames[:, :n_gt])  # (B, n_gt, g), skips (B, n_gt, ...)
             preds, mus, logvars, zs = [], [], [], []
-            state_p = state_q = skip = None
+            state_p = state_q = terms = None
             for t in range(1, T):
                 given = teacher_forcing or t - 1 < n_past
-                h, sk = self.encoder(frames[:, t - 1] if given else preds[-1])  # (B, g)
+                if given and t - 1 < n_gt:
+                    h, sk = h_gt[:, t - 1], [s[:, t - 1] for s in skips_gt]  # (B, g)
+                else:
+                    h, sk = self.encoder(frames[:, t - 1] if given else preds[-1])  # (B, g)
                 if self.last_frame_skip or t - 1 < n_past:
-                    skip = sk
+                    terms = self.decoder.skip_terms(sk)  # reused by every step until the skip frame changes
                 if t <= n_post:
-                    ht = h_target[:, t - 1: t] if h_target is not None else self.encoder(frames[:, t: t + 1])[0]
+                    ht = h_gt[:, t: t + 1] if n_gt else self.encoder(frames[:, t: t + 1])[0]  # (B, 1, g)
                     z_t, mu_t, logvar_t, state_q = self.posterior(ht, state_q, noise[:, t - 1: t])
                     mus.append(mu_t)
                     logvars.append(logvar_t)
@@ -119,7 +124,7 @@ class CVAE(nn.Module):
                     z_t = noise[:, t - 1: t]
                 zs.append(z_t)
                 g_t, state_p = self.frame_predictor(torch.cat([h[:, None], z_t, c[:, t - 1: t]], -1), state_p)
-                preds.append(self.decoder(g_t[:, 0], skip))  # (B, C, H, W)
+                preds.append(self.decoder(g_t[:, 0], terms))  # (B, C, H, W)
             pred = torch.stack(preds, 1)
             mu = torch.cat(mus, 1) if mus else noise[:, :0]
             logvar = torch.cat(logvars, 1) if logvars else noise[:, :0]

@@ -8,6 +8,7 @@ dimensions, so one call can encode a whole (B, T) clip: that is what makes the b
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class vgg_layer(nn.Sequential):
@@ -63,16 +64,34 @@ class vgg_decoder(nn.Module):
         self.upc5 = nn.Sequential(vgg_layer(2 * b, b), nn.ConvTranspose2d(b, nc, 3, 1, 1), nn.Sigmoid())  # 64x64
         self.up = nn.UpsamplingNearest2d(scale_factor=2)
 
-    def forward(self, h, skips):
-        """h: codes (..., dim); skips: the encoder's four maps with the same leading shape.
+    def skip_terms(self, skips):
+        """The skips' share of each block's first convolution.
+
+        That convolution sees cat([upsampled, skip]) and is linear, so W * [u; s] + b = W_u * u + b + W_s * s.
+        The skip half depends only on the skip frame, which is the same for every predicted step after the
+        given frames (SVG, Sec. 3): computing it once per distinct skip frame rather than once per step
+        removes about a sixth of a training step's FLOPs, with the same parameters and the same result.
+
+        skips: the encoder's four maps, (..., c_i, r_i, r_i). Returns four maps (..., c_out_i, r_i, r_i).
+        """
+        terms = []
+        for block, s in zip((self.upc2, self.upc3, self.upc4, self.upc5), reversed(skips)):
+            conv = block[0][0]
+            flat, lead = _flatten(s, 3)  # (N, c, r, r)
+            t = F.conv2d(flat, conv.weight[:, conv.in_channels - flat.shape[1]:], padding=1)  # (N, c_out, r, r)
+            terms.append(t.reshape(*lead, *t.shape[1:]))
+        return terms[::-1]  # finest first, as the skips
+
+    def forward(self, h, terms):
+        """h: codes (..., dim); terms: skip_terms() of the skips, with h's leading shape.
 
         Returns frames (..., C, 64, 64) in [0, 1].
         """
         h, lead = _flatten(h, 1)  # (N, dim)
-        s1, s2, s3, s4 = (s.reshape(-1, *s.shape[len(lead):]) for s in skips)  # each (N, c, r, r)
-        d1 = self.upc1(h[:, :, None, None])  # (N, 8b, 4, 4)
-        d2 = self.upc2(torch.cat([self.up(d1), s4], 1))  # (N, 4b, 8, 8)
-        d3 = self.upc3(torch.cat([self.up(d2), s3], 1))  # (N, 2b, 16, 16)
-        d4 = self.upc4(torch.cat([self.up(d3), s2], 1))  # (N, b, 32, 32)
-        out = self.upc5(torch.cat([self.up(d4), s1], 1))  # (N, nc, 64, 64)
-        return out.reshape(*lead, *out.shape[1:])
+        t1, t2, t3, t4 = (t.reshape(-1, *t.shape[len(lead):]) for t in terms)  # each (N, c_out, r, r)
+        d = self.upc1(h[:, :, None, None])  # (N, 8b, 4, 4)
+        for block, t in zip((self.upc2, self.upc3, self.upc4, self.upc5), (t4, t3, t2, t1)):
+            conv, bn, act = block[0]
+            x = F.conv2d(self.up(d), conv.weight[:, : d.shape[1]], conv.bias, padding=1) + t  # conv of cat([up(d), skip])
+            d = block[1:](act(bn(x)))  # 8x8 -> 16x16 -> 32x32 -> 64x64
+        return d.reshape(*lead, *d.shape[1:])  # (..., nc, 64, 64)

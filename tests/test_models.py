@@ -13,8 +13,13 @@ def test_module_shapes():
     assert h.shape == (2, 5, 16) and h.abs().max() <= 1
     assert [s.shape[-3:] for s in skips] == [(4, 64, 64), (8, 32, 32), (16, 16, 16), (32, 8, 8)]
     assert all(s.shape[:2] == (2, 5) for s in skips)
-    y = dec(h, skips)
+    y = dec(h, dec.skip_terms(skips))
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    # The split first convolution of each block is the convolution of cat([upsampled, skip]).
+    d = dec.upc1(h.reshape(10, 16, 1, 1))
+    for block, s in zip((dec.upc2, dec.upc3, dec.upc4, dec.upc5), reversed(skips)):
+        d = block(torch.cat([dec.up(d), s.reshape(10, *s.shape[2:])], 1))
+    torch.testing.assert_close(y, d.reshape(y.shape), atol=1e-6, rtol=1e-5)
     pred = lstm(10, 6, 12, 2)
     out, state = pred(torch.randn(3, 4, 10))
     assert out.shape == (3, 4, 6) and len(state) == 2 and state[0][0].shape == (3, 12)
@@ -55,6 +60,7 @@ def test_batched_rollout_matches_per_step():
 
 def test_rollout_uses_predictions_without_teacher_forcing():
     m, x, c, noise = _model()
+    m.train()  # batch statistics keep the small freshly initialised network sensitive to its input
     x2 = x.clone()
     x2[:, 3:] = torch.rand_like(x2[:, 3:])  # change frames the model must not see after n_past=3
     with torch.no_grad():
