@@ -78,6 +78,8 @@ def get_args_parser():
     a("--eval_batch_size", type=int, default=32, help="batch size of validation (does not change the scores)")
     a("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 only on CUDA)")
     a("--channels_last", action="store_true", help="channels-last memory format for the convolutions")
+    a("--rollout", default="batched", choices=["batched", "per_step"],
+      help="under teacher forcing, encode/decode all frames in one call (batched) or one frame at a time")
     a("--compile", action="store_true", help="torch.compile the encoder and decoder")
     a("--no_cache", action="store_true", help="decode PNGs on every access instead of the decoded cache")
     a("--cache_dir", default="", help="where decoded caches live (default: <data_root>/.cache)")
@@ -341,7 +343,7 @@ def main(argv=None):
                 frames = frames[:, :T].to(device, non_blocking=True)  # (B, T, C, H, W)
                 conds = conds[:, :T].to(device, non_blocking=True)  # (B, T, 7)
                 with utils.autocast(device, args.amp):
-                    out = ddp(frames, conds, args.n_past, teacher_forcing=use_tf)
+                    out = ddp(frames, conds, args.n_past, teacher_forcing=use_tf, batched=args.rollout == "batched")
                 loss = out["mse"] + beta * out["kld"]
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
