@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 import utils
@@ -46,7 +47,9 @@ def test_finn_eval_seq_matches_reference():
             assert np.isclose(mse[i, t], np.mean((gt[t, i] - pred[t, i]) ** 2))
 
 
-def test_batched_metrics_equal_finn_eval_seq():
+@pytest.mark.parametrize("chunk", [128, 7])  # one pass, and several with a ragged last one
+def test_batched_metrics_equal_finn_eval_seq(chunk, monkeypatch):
+    monkeypatch.setattr(utils, "SSIM_CHUNK", chunk)
     gt, pred = _pair(T=4, B=3, size=64)
     _, ssim, psnr = utils.finn_eval_seq(list(gt), list(pred))
     g = torch.from_numpy(gt).permute(1, 0, 2, 3, 4).float()  # (B, T, C, H, W)
