@@ -52,6 +52,37 @@ class vgg_encoder(nn.Module):
         return h5.reshape(*lead, self.dim), skips
 
 
+# Which rows (or columns) of a 3x3 kernel fall on each input pixel once the input is upsampled 2x by
+# nearest neighbour: an even output row reads input rows (r-1, r) through kernel rows (0, 1+2), an odd
+# one reads (r, r+1) through (0+1, 2). Indexed (output phase, tap, kernel row).
+_PHASE_TAPS = torch.tensor([[[1., 0., 0.], [0., 1., 1.]], [[1., 1., 0.], [0., 0., 1.]]])
+
+
+def upsampled_conv(d, weight, bias):
+    """conv3x3(upsample_nearest_2x(d), weight, bias, padding=1), computed at d's resolution.
+
+    Each of the four output phases (even/odd row, even/odd column) is a 2x2 convolution of d with
+    sums of the 3x3 kernel's taps (the sub-pixel view of Shi et al. 2016), so one 2x2 convolution with
+    4x the output channels replaces the 3x3 one on the 4x larger upsampled map: 16 instead of 36
+    multiply-adds per input pixel and channel pair, with the same parameters and the same result up to
+    rounding (tested against the upsample-then-convolve form). Below 8x8 inputs the border overhead
+    of the shared padding outweighs the saving, so those take the direct form.
+
+    d: (N, c_in, H, W); weight: (c_out, c_in, 3, 3). Returns (N, c_out, 2H, 2W).
+    """
+    N, _, H, W = d.shape
+    if min(H, W) < 8:
+        return F.conv2d(F.interpolate(d, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    c_out = weight.shape[0]
+    taps = _PHASE_TAPS.to(weight)
+    k = torch.einsum("asu,oiuv,btv->aboist", taps, weight, taps).reshape(4 * c_out, -1, 2, 2)  # phases (a, b)
+    y = F.conv2d(F.pad(d, (1, 1, 1, 1)), k, None if bias is None else bias.repeat(4))  # (N, 4 c_out, H+1, W+1)
+    y = y.view(N, 2, 2, c_out, H + 1, W + 1)
+    # Phase (a, b) of output pixel (2p+a, 2q+b) is its map at (p+a, q+b): interleave the four maps.
+    rows = [torch.stack([y[:, a, b, :, a: a + H, b: b + W] for b in (0, 1)], -1) for a in (0, 1)]  # (N, c_out, H, W, 2)
+    return torch.stack(rows, 3).view(N, c_out, 2 * H, 2 * W)  # (N, c_out, H, 2, W, 2) -> (N, c_out, 2H, 2W)
+
+
 class vgg_decoder(nn.Module):
     def __init__(self, dim, base_channels=64, nc=3):
         super().__init__()
@@ -92,6 +123,6 @@ class vgg_decoder(nn.Module):
         d = self.upc1(h[:, :, None, None])  # (N, 8b, 4, 4)
         for block, t in zip((self.upc2, self.upc3, self.upc4, self.upc5), (t4, t3, t2, t1)):
             conv, bn, act = block[0]
-            x = F.conv2d(self.up(d), conv.weight[:, : d.shape[1]], conv.bias, padding=1) + t  # conv of cat([up(d), skip])
+            x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias) + t  # conv of cat([up(d), skip])
             d = block[1:](act(bn(x)))  # 8x8 -> 16x16 -> 32x32 -> 64x64
         return d.reshape(*lead, *d.shape[1:])  # (..., nc, 64, 64)

@@ -2,7 +2,10 @@
 import torch
 from torch.distributions import Normal, kl_divergence
 
+import torch.nn.functional as F
+
 from models import CVAE, gaussian_lstm, lstm, vgg_decoder, vgg_encoder
+from models.vgg_64 import upsampled_conv
 from models.cvae import kl_standard_normal
 
 
@@ -27,6 +30,14 @@ def test_module_shapes():
     assert out2.shape == (5, 1, 6)
     z, mu, logvar, _ = gaussian_lstm(10, 7, 12, 1)(torch.randn(3, 4, 10))
     assert z.shape == mu.shape == logvar.shape == (3, 4, 7)
+
+
+def test_upsampled_conv_is_upsample_then_conv():
+    for H, W in ((8, 8), (16, 9), (3, 5)):
+        d = torch.randn(2, 5, H, W, dtype=torch.float64)
+        w, b = torch.randn(7, 5, 3, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+        ref = F.conv2d(F.interpolate(d, scale_factor=2, mode="nearest"), w, b, padding=1)
+        torch.testing.assert_close(upsampled_conv(d, w, b), ref, atol=1e-12, rtol=1e-12)
 
 
 def test_kl_matches_closed_form():
