@@ -95,10 +95,11 @@ class CVAE(nn.Module):
             z, mu, logvar = self._latents(h_all[:, 1: 1 + n_post], noise, n_post)
             g_pred, _ = self.frame_predictor(torch.cat([h_all[:, :steps], z, c], -1))  # (B, T-1, g)
             n_skip = steps if self.last_frame_skip else min(n_past, steps)  # distinct skip frames
-            src = torch.arange(steps, device=frames.device).clamp(max=n_skip - 1)  # step -> its skip frame
-            # Skip terms once per distinct skip frame, then one per step by indexing.
-            terms = self.decoder.skip_terms([s[:, :n_skip] for s in skips_all])
-            pred = self.decoder(g_pred, [t[:, src] for t in terms])  # (B, T-1, C, H, W)
+            # Skip terms once per distinct skip frame; the steps after them all reuse the last one (an
+            # expand, whose gradient is a sum, not a gather).
+            terms = self.decoder.skip_terms([s[:, :n_skip] for s in skips_all])  # each (B, n_skip, c, r, r)
+            terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]  # (B, T-1, ...)
+            pred = self.decoder(g_pred, terms)  # (B, T-1, C, H, W)
         else:
             # The given frames and the posterior's targets are all ground truth, so they can still be
             # encoded in one call (each frame once); only the fed-back predictions are encoded per step.
