@@ -1,12 +1,11 @@
 """Module shapes, the KL formula, and the batched rollout against the per-step one."""
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-import torch.nn.functional as F
-
 from models import CVAE, gaussian_lstm, lstm, vgg_decoder, vgg_encoder
-from models.vgg_64 import upsampled_conv
 from models.cvae import kl_standard_normal
+from models.vgg_64 import upsampled_conv
 
 
 def test_module_shapes():
