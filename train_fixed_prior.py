@@ -378,7 +378,7 @@ def main(argv=None):
                 if main_proc:
                     if step % 10 == 0:
                         for k, v in (("loss", loss), ("mse", out["mse"]), ("kld", out["kld"]), ("grad_norm", gnorm)):
-                            writer.add_scalar(f"train/{k}", float(v), step)
+                            writer.add_scalar(f"train/{k}", v.item(), step)
                         writer.add_scalar("train/beta", beta, step)
                         writer.add_scalar("train/tfr", tfr, step)
                     if hasattr(bar, "set_postfix"):
