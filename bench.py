@@ -1,6 +1,6 @@
 """Benchmark every fast path of the pipeline against its reference, in one run, on this machine.
 
-    python bench.py                                  # full run (~11 min on 2 CPU cores), writes bench.json
+    python bench.py                                  # full run (11-17 min on 2 CPU cores), writes bench.json
     python bench.py --quick                          # reduced sizes (~2 min): a smoke test, not the headline
     python bench.py --data_root data/processed_data  # use a real data set instead of a generated one
     OMP_WAIT_POLICY=ACTIVE python bench.py           # spinning OpenMP threads (default: PASSIVE, as the scripts)
