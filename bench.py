@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import utils
 from dataset import bair_robot_pushing_dataset
 from models import CVAE, vgg_decoder
+from models.cvae import kl_standard_normal
 
 N_PAST, N_FUTURE = 2, 10
 T = N_PAST + N_FUTURE  # frames per training clip
@@ -53,10 +54,11 @@ GPU = {"name": "NVIDIA A100 SXM (dense, no sparsity)", "fp32": 19.5e12, "bf16": 
 
 # name -> (rollout batched, amp, channels_last, SVG decoder). The reference is the rollout as SVG's code
 # and the course's sample code run it: one frame at a time, skips concatenated at every decoder step.
-Config = namedtuple("Config", "batched amp channels_last svg_decoder")
+Config = namedtuple("Config", "batched amp channels_last svg")
 TRAIN_CONFIGS = {
     "fp32 per-step SVG": Config(False, "off", False, True),  # the reference
-    "fp32 per-step": Config(False, "off", False, False),  # this repository's per-step rollout (skip terms reused)
+    "fp32 per-step": Config(False, "off", False, False),  # this repository's per-step rollout (frames encoded
+    # once, skip terms once per skip frame)
     "fp32 batched": Config(True, "off", False, False),
     "fp32 batched CL": Config(True, "off", True, False),
     "bf16 batched": Config(True, "bf16", False, False),
@@ -85,10 +87,38 @@ class SVGDecoder(vgg_decoder):
 def make_model(config, device):
     """The full-width model of a TRAIN_CONFIGS entry."""
     model = CVAE()
-    if TRAIN_CONFIGS[config].svg_decoder:
+    if TRAIN_CONFIGS[config].svg:
         model.decoder = SVGDecoder(model.g_dim)
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if TRAIN_CONFIGS[config].channels_last else model
+
+
+def svg_forward(model, frames, conds, n_past):
+    """A teacher-forced training forward as SVG's code runs it: at every step the input frame and the
+    posterior's target are encoded in separate calls (so frames 1..T-2 are encoded twice), and the
+    decoder (an SVGDecoder) concatenates the skips. The same model and losses as CVAE.forward."""
+    B, T = frames.shape[:2]
+    c = model.cond_embed((conds[:, :-1] - model.cond_mean) / model.cond_std)  # (B, T-1, E)
+    noise = torch.randn(B, T - 1, model.z_dim, device=frames.device)
+    state_p = state_q = skips = None
+    mse = kld = 0
+    for t in range(1, T):
+        h, sk = model.encoder(frames[:, t - 1])  # (B, g)
+        skips = sk if t - 1 < n_past else skips
+        h_target = model.encoder(frames[:, t])[0]
+        z, mu, logvar, state_q = model.posterior(h_target[:, None], state_q, noise[:, t - 1: t])
+        g, state_p = model.frame_predictor(torch.cat([h[:, None], z, c[:, t - 1: t]], -1), state_p)
+        pred = model.decoder(g[:, 0], skips)  # (B, C, H, W)
+        mse = mse + (pred - frames[:, t]).pow(2).mean()
+        kld = kld + kl_standard_normal(mu, logvar).mean()
+    return {"mse": mse, "kld": kld}
+
+
+def training_forward(config, model, frames, conds):
+    """The training forward of a TRAIN_CONFIGS entry (teacher forcing, posterior z)."""
+    if TRAIN_CONFIGS[config].svg:
+        return svg_forward(model, frames, conds, N_PAST)
+    return model(frames, conds, N_PAST, teacher_forcing=True, batched=TRAIN_CONFIGS[config].batched)
 
 
 # What each mode measures. train: (batch, warm-up steps, timed steps, configs or None for all fp32 ones);
@@ -237,7 +267,6 @@ def count_flops(B, config, train=True, steps=T):
 
 @functools.lru_cache(maxsize=None)
 def _count_flops_b2(config, train, steps):
-    batched = TRAIN_CONFIGS[config].batched
     model = make_model(config, "meta")  # shapes only: nothing is computed
     frames = torch.empty(2, steps, 3, 64, 64, device="meta")  # 2: BatchNorm refuses a single value in training
     conds = torch.empty(2, steps, 7, device="meta")
@@ -245,7 +274,7 @@ def _count_flops_b2(config, train, steps):
     counter = FlopCounterMode(display=False)
     with counter:
         if train:
-            out = model(frames, conds, N_PAST, teacher_forcing=True, batched=batched, noise=noise)
+            out = training_forward(config, model, frames, conds)
             (out["mse"] + out["kld"]).backward()
         else:
             model.eval()
@@ -278,7 +307,7 @@ def bench_loader(data_root, cache_dir, plan):
 # ----------------------------------------------------------------------------------------------------
 # 2. Training step
 def train_step_seconds(config, B, device, warmup, repeats, steps=T):
-    batched, amp = TRAIN_CONFIGS[config].batched, TRAIN_CONFIGS[config].amp
+    amp = TRAIN_CONFIGS[config].amp
     torch.manual_seed(0)
     model = make_model(config, device)
     opt = torch.optim.Adam(model.parameters(), lr=0.002, betas=(0.9, 0.999), fused=True)  # as train_fixed_prior.py
@@ -287,7 +316,7 @@ def train_step_seconds(config, B, device, warmup, repeats, steps=T):
 
     def step():
         with utils.autocast(device, amp):
-            out = model(frames, conds, N_PAST, teacher_forcing=True, batched=batched)
+            out = training_forward(config, model, frames, conds)
         loss = out["mse"] + 1.0 * out["kld"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -70,7 +70,8 @@ class CVAE(nn.Module):
         noise: standard normal (B, T-1, z_dim) used for every z (posterior reparameterisation or prior
             sample); passing it makes a rollout reproducible per sequence, whatever the batch.
         batched: encode all input frames and decode all steps in single calls when teacher forcing
-            makes the inputs known in advance; only the LSTMs step through time. Same result in eval mode.
+            makes the inputs known in advance; only the LSTMs step through time. The same computation
+            as batched=False in training too: BatchNorm takes its statistics per step (models/norm.py).
 
         Step t takes [h_{t-1}, z_t, embed(cond_{t-1})]: the condition that acts between frames t-1 and t.
         Returns a dict: pred (B, T-1, C, H, W) for frames 1..T-1; mse, the sum over steps of the
@@ -107,18 +108,25 @@ class CVAE(nn.Module):
             if n_gt:
                 h_gt, skips_gt = self.encoder(frames[:, :n_gt])  # (B, n_gt, g), skips (B, n_gt, ...)
             preds, mus, logvars, zs = [], [], [], []
-            state_p = state_q = terms = None
+            state_p = state_q = terms = target = None
             for t in range(1, T):
                 given = teacher_forcing or t - 1 < n_past
                 if given and t - 1 < n_gt:
                     h, sk = h_gt[:, t - 1], [s[:, t - 1] for s in skips_gt]  # (B, g)
+                elif given and target is not None:
+                    h, sk = target  # frame t-1, already encoded as the previous step's posterior target
                 else:
                     h, sk = self.encoder(frames[:, t - 1] if given else preds[-1])  # (B, g)
                 if self.last_frame_skip or t - 1 < n_past:
                     terms = self.decoder.skip_terms(sk)  # reused by every step until the skip frame changes
+                target = None
                 if t <= n_post:
-                    ht = h_gt[:, t: t + 1] if n_gt else self.encoder(frames[:, t: t + 1])[0]  # (B, 1, g)
-                    z_t, mu_t, logvar_t, state_q = self.posterior(ht, state_q, noise[:, t - 1: t])
+                    if n_gt:
+                        ht = h_gt[:, t]  # (B, g)
+                    else:
+                        target = self.encoder(frames[:, t])  # each frame is encoded once per rollout
+                        ht = target[0]
+                    z_t, mu_t, logvar_t, state_q = self.posterior(ht[:, None], state_q, noise[:, t - 1: t])
                     mus.append(mu_t)
                     logvars.append(logvar_t)
                 else:

@@ -10,6 +10,8 @@ embedding and the heads run once on all B*T rows, which is what the batched roll
 import torch
 import torch.nn as nn
 
+from .norm import run_per_step
+
 
 class _StackedLSTM(nn.Module):
     """Linear embedding followed by n_layers LSTMCells, stepped over the time axis."""
@@ -52,11 +54,12 @@ class lstm(_StackedLSTM):
     def forward(self, x, state=None):
         """x: (B, T, input_size), one row per step; state: None or the returned state.
 
-        Returns (B, T, output_size) and the new state.
+        Returns (B, T, output_size) and the new state. The head's BatchNorm takes its training
+        statistics per step, as when the steps run one call at a time.
         """
         hid, state = self.recur(x, state)
         B, T, H = hid.shape
-        out = self.output(hid.reshape(B * T, H))  # BatchNorm1d wants (N, C)
+        out = run_per_step(self.output, hid.reshape(B * T, H), T)  # (B*T, H): BatchNorm1d wants (N, C)
         return out.reshape(B, T, -1), state
 
 

@@ -6,9 +6,13 @@ dimensions, so one call can encode a whole (B, T) clip: that is what makes the b
 
     python -c "from models.vgg_64 import vgg_encoder; print(vgg_encoder(128))"
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .norm import batch_norm_per_step, run_per_step
 
 
 class vgg_layer(nn.Sequential):
@@ -22,6 +26,12 @@ def _flatten(x, trailing):
     """(..., *trailing) -> (N, *trailing), returning the leading shape to restore later."""
     lead = x.shape[: x.dim() - trailing]
     return x.reshape(-1, *x.shape[x.dim() - trailing:]), lead
+
+
+def _steps(lead):
+    """Time steps per sequence of a (B, T, ...) leading shape: BatchNorm statistics are taken over B
+    separately for each of them, as when the steps run one call at a time (models/norm.py)."""
+    return math.prod(lead[1:])
 
 
 class vgg_encoder(nn.Module):
@@ -39,15 +49,18 @@ class vgg_encoder(nn.Module):
     def forward(self, x):
         """x: frames (..., C, H, W) in [0, 1], e.g. (B, T, 3, 64, 64).
 
+        In training, BatchNorm statistics are taken over the first dimension (the batch) separately for
+        each index of the others (the time steps), as when each step is encoded in its own call.
         Returns h (..., dim) and the skips [(..., b, 64, 64), (..., 2b, 32, 32), (..., 4b, 16, 16),
         (..., 8b, 8, 8)].
         """
         x, lead = _flatten(x, 3)  # (N, C, H, W), N = prod(lead)
-        h1 = self.c1(x)
-        h2 = self.c2(self.mp(h1))
-        h3 = self.c3(self.mp(h2))
-        h4 = self.c4(self.mp(h3))
-        h5 = self.c5(self.mp(h4))  # (N, dim, 1, 1)
+        n = _steps(lead)
+        h1 = run_per_step(self.c1, x, n)
+        h2 = run_per_step(self.c2, self.mp(h1), n)
+        h3 = run_per_step(self.c3, self.mp(h2), n)
+        h4 = run_per_step(self.c4, self.mp(h3), n)
+        h5 = run_per_step(self.c5, self.mp(h4), n)  # (N, dim, 1, 1)
         skips = [s.reshape(*lead, *s.shape[1:]) for s in (h1, h2, h3, h4)]
         return h5.reshape(*lead, self.dim), skips
 
@@ -112,13 +125,15 @@ class vgg_decoder(nn.Module):
     def forward(self, h, terms):
         """h: codes (..., dim); terms: skip_terms() of the skips, with h's leading shape.
 
-        Returns frames (..., C, 64, 64) in [0, 1].
+        BatchNorm statistics per time step in training, as in the encoder. Returns frames (..., C, 64, 64)
+        in [0, 1].
         """
         h, lead = _flatten(h, 1)  # (N, dim)
+        n = _steps(lead)
         t1, t2, t3, t4 = (t.reshape(-1, *t.shape[len(lead):]) for t in terms)  # each (N, c_out, r, r)
-        d = self.upc1(h[:, :, None, None])  # (N, 8b, 4, 4)
+        d = run_per_step(self.upc1, h[:, :, None, None], n)  # (N, 8b, 4, 4)
         for block, t in zip((self.upc2, self.upc3, self.upc4, self.upc5), (t4, t3, t2, t1)):
             conv, bn, act = block[0]
             x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias) + t  # conv of cat([up(d), skip])
-            d = block[1:](act(bn(x)))  # 8x8 -> 16x16 -> 32x32 -> 64x64
+            d = run_per_step(block[1:], act(batch_norm_per_step(bn, x, n)), n)  # 8x8 -> 16x16 -> 32x32 -> 64x64
         return d.reshape(*lead, *d.shape[1:])  # (..., nc, 64, 64)

@@ -17,7 +17,10 @@ def test_module_shapes():
     assert all(s.shape[:2] == (2, 5) for s in skips)
     y = dec(h, dec.skip_terms(skips))
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
-    # The split first convolution of each block is the convolution of cat([upsampled, skip]).
+    # The split first convolution of each block is the convolution of cat([upsampled, skip])
+    # (in eval mode, where BatchNorm does not depend on how the frames are grouped into calls).
+    dec.eval()
+    y = dec(h, dec.skip_terms(skips))
     d = dec.upc1(h.reshape(10, 16, 1, 1))
     for block, s in zip((dec.upc2, dec.upc3, dec.upc4, dec.upc5), reversed(skips)):
         d = block(torch.cat([dec.up(d), s.reshape(10, *s.shape[2:])], 1))
@@ -66,6 +69,24 @@ def test_batched_rollout_matches_per_step():
             torch.testing.assert_close(a["kld_per_step"], b["kld_per_step"], atol=1e-5, rtol=1e-4)
             assert a["pred"].shape == (4, 7, 3, 64, 64)
             assert a["kld_per_step"].shape == ((2,) if prior else (7,))
+
+
+def test_batched_rollout_trains_as_per_step():
+    """In training, too: the same losses, gradients and BatchNorm running statistics."""
+    results = []
+    for batched in (True, False):
+        m, x, c, noise = _model()
+        m.train()
+        out = m(x, c, 2, teacher_forcing=True, noise=noise, batched=batched)
+        (out["mse"] + out["kld"]).backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters()}, m.state_dict()))
+    (a, grad_a, state_a), (b, grad_b, state_b) = results
+    torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a["kld_per_step"], b["kld_per_step"], atol=1e-5, rtol=1e-4)
+    for name in grad_a:
+        torch.testing.assert_close(grad_a[name], grad_b[name], atol=1e-5, rtol=1e-3, msg=name)
+    for name in state_a:  # running means, variances and counts of every BatchNorm
+        torch.testing.assert_close(state_a[name], state_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_rollout_uses_predictions_without_teacher_forcing():
