@@ -1,4 +1,4 @@
-"""Module shapes, the KL formula, and the batched rollout against the per-step one."""
+"""Module shapes, the KL formula, the batched rollout against the per-step one, and bench.py's reference."""
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
@@ -113,3 +113,24 @@ def test_condition_t_minus_1_drives_step_t():
         assert torch.equal(base, m(x, c_last, 2, prior=True, noise=noise)["pred"])
         changed = m(x, c_prev, 2, prior=True, noise=noise)["pred"]
         assert torch.equal(base[:, :3], changed[:, :3]) and not torch.equal(base[:, 3], changed[:, 3])
+
+
+def test_bench_reference_is_the_same_model():
+    """bench.py's SVG-style reference rollout computes CVAE.forward's losses and gradients."""
+    import bench
+    torch.manual_seed(0)
+    m = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    svg = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    svg.decoder = bench.SVGDecoder(16, 4)
+    svg.load_state_dict(m.state_dict())
+    x, c = torch.rand(4, 6, 3, 64, 64), torch.randn(4, 6, 7)
+    outs = []
+    for model, forward in ((m, lambda: m(x, c, 2, batched=False)), (svg, lambda: bench.svg_forward(svg, x, c, 2))):
+        torch.manual_seed(5)  # the same posterior noise, drawn first by both
+        out = forward()
+        (out["mse"] + out["kld"]).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0]["mse"], outs[1]["mse"])
+    torch.testing.assert_close(outs[0]["kld"], outs[1]["kld"])
+    for (name, p), q in zip(m.named_parameters(), svg.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
