@@ -24,6 +24,8 @@ def batch_norm_per_step(bn, x, steps):
     """
     if not bn.training or steps == 1:
         return bn(x)
+    if bn.momentum is None or not bn.track_running_stats:
+        raise ValueError("batch_norm_per_step needs a BatchNorm with running statistics and a numeric momentum")
     N, C = x.shape[:2]
     if N % steps:
         raise ValueError(f"{N} rows are not a whole number of {steps}-step sequences")
@@ -31,21 +33,12 @@ def batch_norm_per_step(bn, x, steps):
     folded = x.reshape(N // steps, steps * C, *x.shape[2:])
     w = None if bn.weight is None else bn.weight.repeat(steps)
     b = None if bn.bias is None else bn.bias.repeat(steps)
-    if not bn.track_running_stats:
-        return F.batch_norm(folded, None, None, w, b, True, 0.0, bn.eps).reshape(x.shape)
     # With momentum 1 the "running" buffers receive exactly the steps' batch mean and unbiased variance.
     mean = torch.zeros(steps * C, device=x.device, dtype=bn.running_mean.dtype)
     var = torch.ones_like(mean)
     y = F.batch_norm(folded, mean, var, w, b, True, 1.0, bn.eps).reshape(x.shape)
     with torch.no_grad():
-        mean, var = mean.view(steps, C), var.view(steps, C)
-        if bn.momentum is None:  # cumulative average: one update per step, as nn.BatchNorm does it
-            for t in range(steps):
-                bn.num_batches_tracked.add_(1)
-                m = 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.lerp_(mean[t], m)
-                bn.running_var.lerp_(var[t], m)
-            return y
+        mean, var = mean.view(steps, C), var.view(steps, C)  # (steps, C) each
         m = bn.momentum
         decay = m * (1 - m) ** torch.arange(steps - 1, -1, -1, device=mean.device, dtype=mean.dtype)  # (steps,)
         bn.running_mean.mul_((1 - m) ** steps).add_(decay @ mean)
