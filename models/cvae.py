@@ -107,7 +107,7 @@ class CVAE(nn.Module):
             n_gt = max(n_past, n_post + 1) if batched and not teacher_forcing else 0
             if n_gt:
                 h_gt, skips_gt = self.encoder(frames[:, :n_gt])  # (B, n_gt, g), skips (B, n_gt, ...)
-            preds, mus, logvars, zs = [], [], [], []
+            preds, mus, logvars = [], [], []
             state_p = state_q = terms = target = None
             for t in range(1, T):
                 given = teacher_forcing or t - 1 < n_past
@@ -131,7 +131,6 @@ class CVAE(nn.Module):
                     logvars.append(logvar_t)
                 else:
                     z_t = noise[:, t - 1: t]
-                zs.append(z_t)
                 g_t, state_p = self.frame_predictor(torch.cat([h[:, None], z_t, c[:, t - 1: t]], -1), state_p)
                 preds.append(self.decoder(g_t[:, 0], terms))  # (B, C, H, W)
             pred = torch.stack(preds, 1)
