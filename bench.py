@@ -98,7 +98,7 @@ def svg_forward(model, frames, conds, n_past):
     posterior's target are encoded in separate calls (so frames 1..T-2 are encoded twice), and the
     decoder (an SVGDecoder) concatenates the skips. The same model and losses as CVAE.forward."""
     B, T = frames.shape[:2]
-    c = model.cond_embed((conds[:, :-1] - model.cond_mean) / model.cond_std)  # (B, T-1, E)
+    c = model.embed_conditions(conds)  # (B, T-1, E)
     noise = torch.randn(B, T - 1, model.z_dim, device=frames.device)
     state_p = state_q = skips = None
     mse = kld = 0

@@ -85,8 +85,7 @@ class CVAE(nn.Module):
         n_post = n_past - 1 if prior else steps  # steps t = 1..n_post use the posterior
         if noise is None:
             noise = torch.randn(B, steps, self.z_dim, device=frames.device)
-        cond = (conds[:, :-1].float() - self.cond_mean) / self.cond_std  # (B, T-1, cond_dim): cond_{t-1}
-        c = self.cond_embed(cond)  # (B, T-1, E)
+        c = self.embed_conditions(conds)  # (B, T-1, E)
 
         # Skip features for step t come from frame min(t-1, n_past-1): the last given frame once the
         # prediction starts (SVG's code keeps x_{n_past-2} through its `i < n_past` test; we follow the
@@ -142,6 +141,12 @@ class CVAE(nn.Module):
         kld_per_step = kl_standard_normal(mu.float(), logvar.float()).mean(0)  # (n_post,)
         return {"pred": pred, "mse": mse_per_step.sum(), "kld": kld_per_step.sum(),
                 "mse_per_step": mse_per_step, "kld_per_step": kld_per_step}
+
+    def embed_conditions(self, conds):
+        """conds (B, T, cond_dim) -> the embeddings (B, T-1, E) of cond_0..cond_{T-2}, standardised first:
+        step t uses cond_{t-1}."""
+        cond = (conds[:, :-1].float() - self.cond_mean) / self.cond_std  # (B, T-1, cond_dim)
+        return self.cond_embed(cond)
 
     def _latents(self, h_target, noise, n_post):
         """z for all steps: posterior samples for the first n_post steps, noise (prior) after."""

@@ -125,7 +125,7 @@ def test_bench_reference_is_the_same_model():
     svg.load_state_dict(m.state_dict())
     x, c = torch.rand(4, 6, 3, 64, 64), torch.randn(4, 6, 7)
     outs = []
-    for model, forward in ((m, lambda: m(x, c, 2, batched=False)), (svg, lambda: bench.svg_forward(svg, x, c, 2))):
+    for forward in (lambda: m(x, c, 2, batched=False), lambda: bench.svg_forward(svg, x, c, 2)):
         torch.manual_seed(5)  # the same posterior noise, drawn first by both
         out = forward()
         (out["mse"] + out["kld"]).backward()
