@@ -80,7 +80,7 @@ def get_args_parser():
     a("--channels_last", action="store_true", help="channels-last memory format for the convolutions")
     a("--rollout", default="batched", choices=["batched", "per_step"],
       help="under teacher forcing, encode/decode all frames in one call (batched) or one frame at a time")
-    a("--compile", action="store_true", help="torch.compile the encoder and decoder")
+    a("--compile", action="store_true", help="torch.compile the encoder, the decoder and the validation metrics")
     a("--no_cache", action="store_true", help="decode PNGs on every access instead of the decoded cache")
     a("--cache_dir", default="", help="where decoded caches live (default: <data_root>/.cache)")
     a("--skip_bad_sequences", action="store_true", help="list unreadable sequences once and train on the rest")
@@ -404,7 +404,7 @@ def main(argv=None):
                     epoch, epoch_sums["loss"] / n, epoch_sums["mse"] / n, epoch_sums["kld"] / n)
                 if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.niter:
                     res = utils.evaluate(model, val_ds, args.n_past, args.n_future, device, args.eval_batch_size,
-                                         0, args.seed, args.amp)
+                                         0, args.seed, args.amp, compile_metrics=args.compile)
                     val_psnr = res["psnr"]
                     line += "\n" + "=" * 22 + " validate psnr = %.5f " % val_psnr + "=" * 24
                     writer.add_scalar("val/psnr", val_psnr, step)

@@ -45,12 +45,14 @@ def test_training_writes_every_artefact(run_dir):
     assert {"model", "optimizer", "args", "rng", "best_psnr", "tfr"} <= set(ckpt)
 
 
-def test_test_script_and_batch_size_invariance(run_dir, capsys, tmp_path):
+def test_test_script_batch_size_and_compiled_metrics_invariance(run_dir, capsys, tmp_path):
     m1 = test_script.main(["--model_dir", run_dir, "--batch_size", "1", "--out", str(tmp_path / "a")])
     assert re.search(r"^test psnr: \d+\.\d{4}$", capsys.readouterr().out, re.M)
-    m2 = test_script.main(["--model_dir", run_dir, "--batch_size", "5", "--num_workers", "2", "--out", str(tmp_path / "b")])
+    m2 = test_script.main(["--model_dir", run_dir, "--batch_size", "5", "--num_workers", "2", "--compile_metrics",
+                           "--out", str(tmp_path / "b")])
     assert m1["n_sequences"] == m2["n_sequences"] == 5
     assert m1["psnr"] == pytest.approx(m2["psnr"], abs=1e-6)
+    assert m1["ssim"] == pytest.approx(m2["ssim"], abs=1e-6)
     assert m1["psnr_per_step"] == pytest.approx(m2["psnr_per_step"], abs=1e-6)
     saved = json.load(open(tmp_path / "a" / "metrics.json"))
     assert {"psnr", "ssim", "psnr_per_step", "ssim_per_step", "psnr_std", "n_sequences", "copy_last_psnr",
