@@ -13,7 +13,8 @@ Measured, each fast path next to its reference (median of repeats after warm-up,
     fp32, channels_last, and bf16 autocast.
  3. model FLOP/s (torch.utils.flop_counter on the meta device) against this machine's measured peak
     (a large convolution and a large matmul) of the same precision.
- 4. the graded evaluation (`utils.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences.
+ 4. the graded evaluation (`utils.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences, with the
+    direct convolution algorithm and with NNPACK's Winograd where it pays (`models.vgg_64.Conv3x3`).
  5. batched PSNR/SSIM (`utils.batch_metrics`, eager and torch.compile'd) vs the per-channel `utils.finn_eval_seq`.
  6. on paper: FLOPs of the course schedule and its time on one modern GPU at the fraction of peak achieved here.
 Without --data_root a small data set is generated in a temporary directory (make_sim_dataset.py when present,
@@ -45,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import utils
 from dataset import bair_robot_pushing_dataset
 from models import CVAE, vgg_decoder
+from models import vgg_64
 from models.cvae import kl_standard_normal
 
 N_PAST, N_FUTURE = 2, 10
@@ -126,10 +128,12 @@ def training_forward(config, model, frames, conds):
 PLANS = {
     "full": dict(data=(64, 32, 32), cache_reads=2000, png_reads=60, headline_batch=12,
                  train=[(12, 1, 3, None), (24, 0, 1, (REFERENCE, "best fp32"))],
-                 bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32, eval_configs=((32, False),),
+                 bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32,
+                 eval_configs=((32, False, False), (32, False, True)),
                  metric_seqs=256, metric_repeats=3, finn_seqs=16),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
-                  train=[(2, 1, 2, None)], bf16=("bf16 batched CL",), eval_seqs=16, eval_configs=((16, False),),
+                  train=[(2, 1, 2, None)], bf16=("bf16 batched CL",), eval_seqs=16,
+                  eval_configs=((16, False, False), (16, False, True)),
                   metric_seqs=32, metric_repeats=3, finn_seqs=4),
 }
 
@@ -408,7 +412,8 @@ def bench_eval(data_root, cache_dir, device, plan, log):
     n = min(len(test), 256, plan["eval_seqs"])
     subset = torch.utils.data.Subset(test, range(n))
     res = {}
-    for bs, channels_last in plan["eval_configs"]:
+    for bs, channels_last, winograd in plan["eval_configs"]:
+        vgg_64.WINOGRAD = winograd  # NNPACK for the 3x3 convolutions where it pays (models/vgg_64.py)
         torch.manual_seed(0)
         model = CVAE().to(device)
         if channels_last:
@@ -424,12 +429,13 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         sync(device)
         sec = time.perf_counter() - t0
         assert out["n_sequences"] == n
-        name = f"eval bs{bs}" + (" CL" if channels_last else "")
-        res[name] = {"batch_size": bs, "channels_last": channels_last, "sequences_timed": n, "s": sec,
+        name = f"eval bs{bs}" + (" CL" if channels_last else "") + (" winograd" if winograd else " direct")
+        res[name] = {"batch_size": bs, "channels_last": channels_last, "winograd": winograd, "sequences_timed": n, "s": sec,
                      "s_256": sec * 256 / n, "scaled_from": None if n == 256 else n}
         log(f"  {name}: {sec:.1f} s for {n} sequences -> {sec * 256 / n:.1f} s for 256")
         del model
         gc.collect()
+    vgg_64.WINOGRAD = True
     return res
 
 
@@ -532,6 +538,10 @@ def make_table(plan, loader, train, peak, evals, metrics):
     for name, rec in evals.items():
         note = f", {rec['sequences_timed']} seq x {256 / rec['sequences_timed']:g}" if rec["scaled_from"] else ""
         row(f"{name}: 256 test seq (s{note})", rec["s_256"], 120.0, rec["s_256"] / 120, "< 120 s", rec["s_256"] < 120)
+    for name, rec in evals.items():
+        direct = evals.get(name.replace(" winograd", " direct"))
+        if rec["winograd"] and direct:
+            row(f"{name} vs direct (s for 256)", rec["s_256"], direct["s_256"], direct["s_256"] / rec["s_256"])
     # 5. metrics: the target applies to the faster path, as for the training step
     fastest = min(("eager", "compiled"), key=lambda k: metrics[f"{k}_s"])
     for name in ("eager", "compiled"):

@@ -6,6 +6,7 @@ dimensions, so one call can encode a whole (B, T) clip: that is what makes the b
 
     python -c "from models.vgg_64 import vgg_encoder; print(vgg_encoder(128))"
 """
+import functools
 import math
 
 import torch
@@ -15,11 +16,52 @@ import torch.nn.functional as F
 from .norm import batch_norm_per_step, run_per_step
 
 
+# Inference convolutions through NNPACK's Winograd algorithm where that is faster (see Conv3x3).
+# Set to False for the direct algorithm everywhere.
+WINOGRAD = True
+
+
+class Conv3x3(nn.Conv2d):
+    """3x3 convolution, stride 1, padding 1: nn.Conv2d, with a faster algorithm for CPU inference.
+
+    Without autograd, on fp32 CPU tensors in NCHW layout and outside autocast, the layers where it pays
+    run through NNPACK's Winograd convolution (Lavin & Gray 2016), which needs several times fewer
+    multiplications than the direct algorithm for 3x3 kernels, where it pays (_winograd_pays): 1.2-2.2x
+    per layer at the full width, about 1.15-1.2x for a whole evaluation. Its rounding differs from the
+    direct algorithm's (~1e-5 relative per layer, tested). Everything else (training, CUDA,
+    channels-last, reduced precision, the narrow demo widths) uses nn.Conv2d unchanged.
+    """
+
+    def __init__(self, nin, nout):
+        super().__init__(nin, nout, 3, 1, 1)
+
+    def forward(self, x):
+        if (WINOGRAD and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.dim() == 4 and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+                and _winograd_pays(self.in_channels, x.shape[-1]) and _nnpack_available()):
+            return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
+        return super().forward(x)
+
+
+def _winograd_pays(c_in, size):
+    """Where NNPACK beat the direct convolution on a 2-core AVX2 CPU at evaluation batch sizes (square
+    maps of side `size`): at least 64 input channels on 32x32 maps and larger, 128 on 16x16, 256 on
+    8x8, whose 6x6-output tiles are mostly wasted (four cover one map). The choice depends on the layer
+    only, never on the batch, so a sequence's prediction does not depend on the batch it is in."""
+    return (c_in >= 64 and size >= 32) or (c_in >= 128 and size >= 16) or (c_in >= 256 and size >= 8)
+
+
+@functools.cache
+def _nnpack_available():
+    # is_available() also initialises NNPACK, which its convolution needs before the first call.
+    return hasattr(torch, "_nnpack_spatial_convolution") and torch.backends.nnpack.is_available()
+
+
 class vgg_layer(nn.Sequential):
     """Conv3x3 -> BatchNorm -> LeakyReLU(0.2), the unit every block is made of."""
 
     def __init__(self, nin, nout):
-        super().__init__(nn.Conv2d(nin, nout, 3, 1, 1), nn.BatchNorm2d(nout), nn.LeakyReLU(0.2, inplace=True))
+        super().__init__(Conv3x3(nin, nout), nn.BatchNorm2d(nout), nn.LeakyReLU(0.2, inplace=True))
 
 
 def _flatten(x, trailing):

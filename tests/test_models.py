@@ -1,10 +1,12 @@
 """Module shapes, the KL formula, the batched rollout against the per-step one, and bench.py's reference."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from models import CVAE, gaussian_lstm, lstm, vgg_decoder, vgg_encoder
 from models.cvae import kl_standard_normal
+import models.vgg_64 as vgg_64
 from models.vgg_64 import upsampled_conv
 
 
@@ -40,6 +42,26 @@ def test_upsampled_conv_is_upsample_then_conv():
         w, b = torch.randn(7, 5, 3, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
         ref = F.conv2d(F.interpolate(d, scale_factor=2, mode="nearest"), w, b, padding=1)
         torch.testing.assert_close(upsampled_conv(d, w, b), ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif(not vgg_64._nnpack_available(), reason="this PyTorch build has no NNPACK")
+def test_winograd_inference_matches_direct(monkeypatch):
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[0].shape) or nnpack(*a))
+    model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=32).eval()  # 64-256 channels: some layers qualify
+    frames, conds, noise = torch.rand(2, 4, 3, 64, 64), torch.randn(2, 4, 7), torch.randn(2, 3, 4)
+    with torch.no_grad():
+        fast = model(frames, conds, 2, teacher_forcing=False, prior=True, noise=noise)["pred"]
+        assert {s[-3:] for s in calls} == {(64, 32, 32), (128, 16, 16), (256, 8, 8)}
+        monkeypatch.setattr(vgg_64, "WINOGRAD", False)
+        n = len(calls)
+        direct = model(frames, conds, 2, teacher_forcing=False, prior=True, noise=noise)["pred"]
+        assert len(calls) == n
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=0)
+    monkeypatch.setattr(vgg_64, "WINOGRAD", True)
+    model(frames, conds, 2, teacher_forcing=True)["mse"].backward()  # training keeps the direct algorithm
+    assert len(calls) == n
 
 
 def test_kl_matches_closed_form():
