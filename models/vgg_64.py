@@ -21,26 +21,31 @@ from .norm import batch_norm_per_step, run_per_step
 WINOGRAD = True
 
 
-class Conv3x3(nn.Conv2d):
-    """3x3 convolution, stride 1, padding 1: nn.Conv2d, with a faster algorithm for CPU inference.
+def conv3x3(x, weight, bias=None):
+    """F.conv2d(x, weight, bias, padding=1) for 3x3 kernels, with a faster algorithm for CPU inference.
 
     Without autograd, on fp32 CPU tensors in NCHW layout and outside autocast, the layers where it pays
-    run through NNPACK's Winograd convolution (Lavin & Gray 2016), which needs several times fewer
-    multiplications than the direct algorithm for 3x3 kernels, where it pays (_winograd_pays): 1.2-2.2x
-    per layer at the full width, about 1.15-1.2x for a whole evaluation. Its rounding differs from the
-    direct algorithm's (~1e-5 relative per layer, tested). Everything else (training, CUDA,
-    channels-last, reduced precision, the narrow demo widths) uses nn.Conv2d unchanged.
+    (_winograd_pays) run through NNPACK's Winograd convolution (Lavin & Gray 2016), which needs several
+    times fewer multiplications than the direct algorithm for 3x3 kernels: 1.2-2.2x per layer at the
+    full width, about 1.2x for a whole evaluation. Its rounding differs from the direct algorithm's
+    (~1e-5 relative per layer, tested). Everything else (training, CUDA, channels-last, reduced
+    precision, the narrow demo widths) is F.conv2d unchanged.
     """
+    if (WINOGRAD and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 4 and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+            and _winograd_pays(x.shape[1], x.shape[-1]) and _nnpack_available()):
+        return torch._nnpack_spatial_convolution(x, weight.contiguous(), bias, [1, 1])
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+class Conv3x3(nn.Conv2d):
+    """nn.Conv2d(nin, nout, 3, 1, 1) computed by conv3x3."""
 
     def __init__(self, nin, nout):
         super().__init__(nin, nout, 3, 1, 1)
 
     def forward(self, x):
-        if (WINOGRAD and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.dim() == 4 and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
-                and _winograd_pays(self.in_channels, x.shape[-1]) and _nnpack_available()):
-            return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1])
-        return super().forward(x)
+        return conv3x3(x, self.weight, self.bias)
 
 
 def _winograd_pays(c_in, size):
@@ -160,7 +165,7 @@ class vgg_decoder(nn.Module):
         for block, s in zip((self.upc2, self.upc3, self.upc4, self.upc5), reversed(skips)):
             conv = block[0][0]
             flat, lead = _flatten(s, 3)  # (N, c, r, r)
-            t = F.conv2d(flat, conv.weight[:, conv.in_channels - flat.shape[1]:], padding=1)  # (N, c_out, r, r)
+            t = conv3x3(flat, conv.weight[:, conv.in_channels - flat.shape[1]:])  # (N, c_out, r, r)
             terms.append(t.reshape(*lead, *t.shape[1:]))
         return terms[::-1]  # finest first, as the skips
 
