@@ -40,7 +40,7 @@ def get_args_parser():
                    help="ablation: real conditions, conditions of another sequence, or the mean condition")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision for inference")
     p.add_argument("--compile_metrics", action="store_true",
-                   help="score with torch.compile'd PSNR/SSIM: about 3x faster metrics after about 10 s of "
+                   help="score with torch.compile'd PSNR/SSIM: 3-4x faster metrics after 5-10 s of "
                         "compilation (needs a C++ compiler), so it pays off from a few thousand sequences")
     p.add_argument("--out", default="", help="output directory (default: <model_dir>/test, or test_<cond_mode>)")
     p.add_argument("--gif_index", type=int, default=0, help="sequence index shown in the GIF and the strip")

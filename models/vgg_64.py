@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .norm import batch_norm_per_step, run_per_step
 
 
-# Inference convolutions through NNPACK's Winograd algorithm where that is faster (see Conv3x3).
+# Inference convolutions through NNPACK's Winograd algorithm where that is faster (see conv3x3).
 # Set to False for the direct algorithm everywhere.
 WINOGRAD = True
 
