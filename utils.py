@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.norm import fold_batch_norm
+
 CHECKPOINT_FORMAT = "cvae-video-prediction"
 CHECKPOINT_VERSION = 1
 MIN_MSE = 1e-10  # caps PSNR at 100 dB so one identical frame cannot make an average infinite
@@ -232,11 +234,11 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
     Frames 0..n_past-1 are given; frames n_past..n_past+n_future-1 are predicted without teacher
     forcing, z from the prior N(0, I) (one sample, noise fixed per sequence by `seed`); scored with
     per-channel PSNR and SSIM averaged over channels, then over all (sequence, predicted frame).
-    `keep`: sequence indices whose (gt, pred) clips are returned for GIFs. BatchNorm runs in eval mode.
-    compile_metrics: score with the torch.compile'd metrics (batch_metrics).
+    `keep`: sequence indices whose (gt, pred) clips are returned for GIFs. BatchNorm runs in eval mode,
+    folded into the layers before it (models.norm.fold_batch_norm: an inference copy; `model` is not
+    touched). compile_metrics: score with the torch.compile'd metrics (batch_metrics).
     """
-    was_training = model.training
-    model.eval()
+    model = fold_batch_norm(model)
     ds = cond_ablation(dataset, cond_mode, seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False,
                                          num_workers=num_workers)
@@ -249,8 +251,8 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             conds = model.cond_mean.expand_as(conds)  # the embedding sees zeros after standardisation
         noise = sequence_noise(range(offset, offset + B), T - 1, model.z_dim, seed, device)
         with autocast(device, amp):
-            out = model(frames, conds, n_past, teacher_forcing=False, prior=True, noise=noise)
-        pred = out["pred"][:, n_past - 1:].float().clamp(0, 1)  # (B, n_future, C, H, W): frames n_past..T-1
+            out = model(frames, conds, n_past, teacher_forcing=False, prior=True, noise=noise, decode_from=n_past)
+        pred = out["pred"].float().clamp(0, 1)  # (B, n_future, C, H, W): frames n_past..T-1
         gt = frames[:, n_past:]
         p, s = batch_metrics(gt, pred, compiled=compile_metrics)  # each (B, n_future)
         psnr.append(p.cpu())
@@ -260,7 +262,6 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             if offset <= i < offset + B:
                 kept[i] = (frames[i - offset].cpu(), torch.cat([frames[i - offset, :n_past], pred[i - offset]]).cpu())
         offset += B
-    model.train(was_training)
     psnr, ssim, copy_psnr = torch.cat(psnr), torch.cat(ssim), torch.cat(copy_psnr)  # (N, n_future)
     assert psnr.shape[0] == len(dataset), "every sequence must be scored exactly once"
     return {

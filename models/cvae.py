@@ -60,7 +60,8 @@ class CVAE(nn.Module):
         self.cond_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.cond_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
 
-    def forward(self, frames, conds, n_past, teacher_forcing=True, prior=False, noise=None, batched=True):
+    def forward(self, frames, conds, n_past, teacher_forcing=True, prior=False, noise=None, batched=True,
+                decode_from=1):
         """Predict frames 1..T-1 of a clip, one step at a time (SVG, Sec. 3).
 
         frames: (B, T, C, H, W) in [0, 1]; conds: (B, T, cond_dim), cond_t = [action_t, endeffector_t].
@@ -72,9 +73,11 @@ class CVAE(nn.Module):
         batched: encode all input frames and decode all steps in single calls when teacher forcing
             makes the inputs known in advance; only the LSTMs step through time. The same computation
             as batched=False in training too: BatchNorm takes its statistics per step (models/norm.py).
+        decode_from: the first frame to predict, in [1, n_past]. The steps before it still run the LSTMs,
+            but their frames are given, so evaluation (decode_from=n_past) skips decoding them.
 
         Step t takes [h_{t-1}, z_t, embed(cond_{t-1})]: the condition that acts between frames t-1 and t.
-        Returns a dict: pred (B, T-1, C, H, W) for frames 1..T-1; mse, the sum over steps of the
+        Returns a dict: pred (B, T-decode_from, C, H, W) for frames decode_from..T-1; mse, the sum over steps of the
         per-step pixel-mean squared error; kld, the sum over posterior steps of the KL summed over z and
         averaged over the batch; and their per-step values mse_per_step (T-1,), kld_per_step.
         """
@@ -82,6 +85,8 @@ class CVAE(nn.Module):
         steps = T - 1
         if not 1 <= n_past < T:
             raise ValueError(f"n_past={n_past} must be in [1, {T - 1}] for a clip of {T} frames")
+        if not 1 <= decode_from <= n_past:
+            raise ValueError(f"decode_from={decode_from} must be in [1, n_past={n_past}]")
         n_post = n_past - 1 if prior else steps  # steps t = 1..n_post use the posterior
         if noise is None:
             noise = torch.randn(B, steps, self.z_dim, device=frames.device)
@@ -99,7 +104,8 @@ class CVAE(nn.Module):
             # expand, whose gradient is a sum, not a gather).
             terms = self.decoder.skip_terms([s[:, :n_skip] for s in skips_all])  # each (B, n_skip, c, r, r)
             terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]  # (B, T-1, ...)
-            pred = self.decoder(g_pred, terms)  # (B, T-1, C, H, W)
+            first = decode_from - 1  # step index of frame decode_from
+            pred = self.decoder(g_pred[:, first:], [t[:, first:] for t in terms])  # (B, T-decode_from, C, H, W)
         else:
             # The given frames and the posterior's targets are all ground truth, so they can still be
             # encoded in one call (each frame once); only the fed-back predictions are encoded per step.
@@ -131,13 +137,14 @@ class CVAE(nn.Module):
                 else:
                     z_t = noise[:, t - 1: t]
                 g_t, state_p = self.frame_predictor(torch.cat([h[:, None], z_t, c[:, t - 1: t]], -1), state_p)
-                preds.append(self.decoder(g_t[:, 0], terms))  # (B, C, H, W)
+                if t >= decode_from:
+                    preds.append(self.decoder(g_t[:, 0], terms))  # (B, C, H, W)
             pred = torch.stack(preds, 1)
             mu = torch.cat(mus, 1) if mus else noise[:, :0]
             logvar = torch.cat(logvars, 1) if logvars else noise[:, :0]
 
         pred32 = pred.float()
-        mse_per_step = (pred32 - frames[:, 1:].float()).pow(2).mean(dim=(0, 2, 3, 4))  # (T-1,)
+        mse_per_step = (pred32 - frames[:, decode_from:].float()).pow(2).mean(dim=(0, 2, 3, 4))  # (T-decode_from,)
         kld_per_step = kl_standard_normal(mu.float(), logvar.float()).mean(0)  # (n_post,)
         return {"pred": pred, "mse": mse_per_step.sum(), "kld": kld_per_step.sum(),
                 "mse_per_step": mse_per_step, "kld_per_step": kld_per_step}

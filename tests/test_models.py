@@ -7,7 +7,8 @@ from torch.distributions import Normal, kl_divergence
 from models import CVAE, gaussian_lstm, lstm, vgg_decoder, vgg_encoder
 from models.cvae import kl_standard_normal
 import models.vgg_64 as vgg_64
-from models.vgg_64 import upsampled_conv
+from models.norm import fold_batch_norm
+from models.vgg_64 import Conv3x3, upsampled_conv, winograd_f4, winograd_f4_weight
 
 
 def test_module_shapes():
@@ -44,16 +45,36 @@ def test_upsampled_conv_is_upsample_then_conv():
         torch.testing.assert_close(upsampled_conv(d, w, b), ref, atol=1e-12, rtol=1e-12)
 
 
+def test_winograd_f4_is_a_convolution():
+    for H, W in ((8, 8), (4, 12)):
+        x = torch.randn(3, 5, H, W, dtype=torch.float64)
+        w, b = torch.randn(7, 5, 3, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+        torch.testing.assert_close(winograd_f4(x, winograd_f4_weight(w), b), F.conv2d(x, w, b, padding=1),
+                                   atol=1e-10, rtol=1e-10)
+    # A frozen layer keeps the transform of its weight, and notices when the weight changes.
+    conv = Conv3x3(256, 8).requires_grad_(False)
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        for change in (lambda: None, lambda: conv.weight.mul_(-2), lambda: setattr(conv, "weight", torch.nn.Parameter(
+                0.02 * torch.randn(8, 256, 3, 3), requires_grad=False))):
+            change()
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+            assert conv._f4[0] is conv.weight
+
+
 @pytest.mark.skipif(not vgg_64._nnpack_available(), reason="this PyTorch build has no NNPACK")
 def test_winograd_inference_matches_direct(monkeypatch):
-    calls = []
-    nnpack = torch._nnpack_spatial_convolution
+    calls, f4_calls = [], []
+    nnpack, f4 = torch._nnpack_spatial_convolution, vgg_64.winograd_f4
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[0].shape) or nnpack(*a))
+    monkeypatch.setattr(vgg_64, "winograd_f4", lambda *a: f4_calls.append(a[0].shape) or f4(*a))
     model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=32).eval()  # 64-256 channels: some layers qualify
     frames, conds, noise = torch.rand(2, 4, 3, 64, 64), torch.randn(2, 4, 7), torch.randn(2, 3, 4)
     with torch.no_grad():
         fast = model(frames, conds, 2, teacher_forcing=False, prior=True, noise=noise)["pred"]
-        assert {s[-3:] for s in calls} == {(64, 32, 32), (128, 16, 16), (256, 8, 8)}
+        assert {s[-3:] for s in calls} == {(64, 32, 32), (128, 16, 16)}
+        assert {s[-3:] for s in f4_calls} == {(256, 8, 8)}
+        calls += f4_calls
         monkeypatch.setattr(vgg_64, "WINOGRAD", False)
         n = len(calls)
         direct = model(frames, conds, 2, teacher_forcing=False, prior=True, noise=noise)["pred"]
@@ -91,6 +112,29 @@ def test_batched_rollout_matches_per_step():
             torch.testing.assert_close(a["kld_per_step"], b["kld_per_step"], atol=1e-5, rtol=1e-4)
             assert a["pred"].shape == (4, 7, 3, 64, 64)
             assert a["kld_per_step"].shape == ((2,) if prior else (7,))
+            for batched in (True, False):  # decoding from the last given frame on: the same frames
+                d = m(x, c, 3, teacher_forcing=tf, prior=prior, noise=noise, batched=batched, decode_from=3)
+                torch.testing.assert_close(d["pred"], a["pred"][:, 2:], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(d["mse_per_step"], a["mse_per_step"][2:], atol=1e-6, rtol=1e-4)
+        with pytest.raises(ValueError, match="decode_from"):
+            m(x, c, 3, decode_from=4)
+
+
+def test_inference_copy_folds_batch_norm():
+    m, x, c, noise = _model()
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    folded = fold_batch_norm(m)
+    assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in folded.modules())
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    assert m.training and all(p.requires_grad for p in m.parameters())  # the model itself is untouched
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m.eval()
+    with torch.no_grad():
+        for tf in (True, False):
+            a = m(x, c, 2, teacher_forcing=tf, prior=True, noise=noise)["pred"]
+            torch.testing.assert_close(folded(x, c, 2, teacher_forcing=tf, prior=True, noise=noise)["pred"], a,
+                                       atol=1e-5, rtol=1e-4)
 
 
 def test_batched_rollout_trains_as_per_step():
