@@ -14,7 +14,7 @@ Measured, each fast path next to its reference (median of repeats after warm-up,
  3. model FLOP/s (torch.utils.flop_counter on the meta device) against this machine's measured peak
     (a large convolution and a large matmul) of the same precision.
  4. the graded evaluation (`utils.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences, with the
-    direct convolution algorithm and with NNPACK's Winograd where it pays (`models.vgg_64.conv3x3`).
+    direct convolution algorithm and with the Winograd algorithms where they pay (`models.vgg_64.conv3x3`).
  5. batched PSNR/SSIM (`utils.batch_metrics`, eager and torch.compile'd) vs the per-channel `utils.finn_eval_seq`.
  6. on paper: FLOPs of the course schedule and its time on one modern GPU at the fraction of peak achieved here.
 Without --data_root a small data set is generated in a temporary directory (make_sim_dataset.py when present,
@@ -420,7 +420,7 @@ def bench_eval(data_root, cache_dir, device, plan, log):
     subset = torch.utils.data.Subset(test, range(n))
     res, default = {}, vgg_64.WINOGRAD
     for bs, channels_last, winograd in plan["eval_configs"]:
-        vgg_64.WINOGRAD = winograd  # NNPACK for the 3x3 convolutions where it pays (models/vgg_64.py)
+        vgg_64.WINOGRAD = winograd  # Winograd 3x3 convolutions where they pay (models/vgg_64.py)
         torch.manual_seed(0)
         model = CVAE().to(device)
         if channels_last:
