@@ -264,8 +264,9 @@ def dataset_args(data_root, cache_dir, no_cache=False, n_eval=30):
 def count_flops(B, config, train=True, steps=T):
     """FLOPs of one forward (+ backward when train) of the full-width model of a TRAIN_CONFIGS entry at
     batch B (counted ops are convolutions and matmuls, all linear in B, so one batch of 2 is counted and
-    scaled; the Adam update and elementwise ops are not counted). Evaluation (train=False) always runs
-    the per-step rollout without teacher forcing."""
+    scaled; the Adam update and elementwise ops are not counted). Evaluation (train=False) runs the graded
+    rollout as utils.evaluate does: per step, without teacher forcing, decoding the predicted frames only;
+    counted as direct convolutions (the Winograd paths do fewer multiplications for the same map)."""
     return B * _count_flops_b2(config, train, steps) // 2
 
 
@@ -283,7 +284,7 @@ def _count_flops_b2(config, train, steps):
         else:
             model.eval()
             with torch.no_grad():
-                model(frames, conds, N_PAST, teacher_forcing=False, prior=True, noise=noise)
+                model(frames, conds, N_PAST, teacher_forcing=False, prior=True, noise=noise, decode_from=N_PAST)
     return counter.get_total_flops()
 
 

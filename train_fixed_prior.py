@@ -80,7 +80,7 @@ def get_args_parser():
     a("--channels_last", action="store_true", help="channels-last memory format for the convolutions")
     a("--rollout", default="batched", choices=["batched", "per_step"],
       help="under teacher forcing, encode/decode all frames in one call (batched) or one frame at a time")
-    a("--compile", action="store_true", help="torch.compile the encoder, the decoder and the validation metrics")
+    a("--compile", action="store_true", help="torch.compile the encoder and decoder for training, and the validation metrics")
     a("--no_cache", action="store_true", help="decode PNGs on every access instead of the decoded cache")
     a("--cache_dir", default="", help="where decoded caches live (default: <data_root>/.cache)")
     a("--skip_bad_sequences", action="store_true", help="list unreadable sequences once and train on the rest")

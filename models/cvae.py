@@ -77,9 +77,9 @@ class CVAE(nn.Module):
             but their frames are given, so evaluation (decode_from=n_past) skips decoding them.
 
         Step t takes [h_{t-1}, z_t, embed(cond_{t-1})]: the condition that acts between frames t-1 and t.
-        Returns a dict: pred (B, T-decode_from, C, H, W) for frames decode_from..T-1; mse, the sum over steps of the
-        per-step pixel-mean squared error; kld, the sum over posterior steps of the KL summed over z and
-        averaged over the batch; and their per-step values mse_per_step (T-1,), kld_per_step.
+        Returns a dict: pred (B, T-decode_from, C, H, W) for frames decode_from..T-1; mse, the sum over
+        steps of the per-step pixel-mean squared error; kld, the sum over posterior steps of the KL summed
+        over z and averaged over the batch; and their per-step values mse_per_step (T-decode_from,), kld_per_step.
         """
         B, T = frames.shape[:2]
         steps = T - 1

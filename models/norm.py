@@ -88,7 +88,8 @@ def fold_batch_norm(model):
                 continue
             stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-                w, b = fuse_conv_bn_weights(layer.weight, layer.bias, *stats, transpose=isinstance(layer, nn.ConvTranspose2d))
+                transpose = isinstance(layer, nn.ConvTranspose2d)  # its weight is (c_in, c_out, k, k)
+                w, b = fuse_conv_bn_weights(layer.weight, layer.bias, *stats, transpose=transpose)
             elif isinstance(layer, nn.Linear):
                 w, b = fuse_linear_bn_weights(layer.weight, layer.bias, *stats)
             else:
