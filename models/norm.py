@@ -75,11 +75,10 @@ def fold_batch_norm(model):
     The copy's parameters do not require grad, so its layers may keep weight-derived caches (Conv3x3);
     `model` itself is not modified. Same predictions up to rounding (tested).
     """
-    model = copy.deepcopy(model).eval().requires_grad_(False)
-    for m in model.modules():  # run the copy eagerly: a Module.compile()d layer would compile again per copy
-        if getattr(m, "_compiled_call_impl", None) is not None:
-            m._compiled_call_impl = None
+    model = copy.deepcopy(model).requires_grad_(False)
     for seq in model.modules():
+        if getattr(seq, "_compiled_call_impl", None) is not None:  # a Module.compile()d layer would compile
+            seq._compiled_call_impl = None  # again for every copy: run the copy eagerly
         if not isinstance(seq, nn.Sequential):
             continue
         for i in range(1, len(seq)):
@@ -96,4 +95,4 @@ def fold_batch_norm(model):
                 continue
             layer.weight, layer.bias = w.requires_grad_(False), b.requires_grad_(False)
             seq[i] = nn.Identity()
-    return model.eval()  # the new Identity layers too
+    return model.eval()
