@@ -41,6 +41,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils
@@ -82,7 +83,7 @@ class SVGDecoder(vgg_decoder):
         skips = [s.reshape(-1, *s.shape[len(lead):]) for s in skips]  # each (N, c, r, r)
         d = self.upc1(h[:, :, None, None])
         for block, s in zip((self.upc2, self.upc3, self.upc4, self.upc5), reversed(skips)):
-            d = block(torch.cat([self.up(d), s], 1))
+            d = block(torch.cat([F.interpolate(d, scale_factor=2), s], 1))  # nearest 2x
         return d.reshape(*lead, *d.shape[1:])
 
 

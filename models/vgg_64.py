@@ -226,7 +226,6 @@ class vgg_decoder(nn.Module):
         self.upc3 = nn.Sequential(vgg_layer(8 * b, 4 * b), vgg_layer(4 * b, 4 * b), vgg_layer(4 * b, 2 * b))  # 16x16
         self.upc4 = nn.Sequential(vgg_layer(4 * b, 2 * b), vgg_layer(2 * b, b))  # 32x32
         self.upc5 = nn.Sequential(vgg_layer(2 * b, b), nn.ConvTranspose2d(b, nc, 3, 1, 1), nn.Sigmoid())  # 64x64
-        self.up = nn.UpsamplingNearest2d(scale_factor=2)
 
     def skip_terms(self, skips):
         """The skips' share of each block's first convolution.
