@@ -344,8 +344,8 @@ def train_step_seconds(config, B, device, warmup, repeats, steps=T):
 def bench_train(device, plan, bf16_native, log):
     """Seconds per training step of each configuration, keyed '<config> b<batch>'.
 
-    bf16 runs at the headline batch when the hardware has bf16 units; otherwise (emulated, ~100x slower
-    than fp32 per FLOP) one step runs at batch 2 and is scaled to the headline batch by the FLOP count.
+    bf16 runs at the headline batch when the hardware has bf16 units; otherwise (emulated, 7-19x slower
+    than fp32 per step here) one step runs at batch 2 and is scaled to the headline batch by the FLOP count.
     """
     res = {}
 
@@ -386,7 +386,7 @@ def bench_peak(device, bf16_native):
     A peak is a best case: the fastest repeat counts (main() also measures twice and keeps the higher)."""
     res = {}
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        slow = dtype == torch.bfloat16 and not bf16_native  # emulated bf16 is ~100x slower: keep it small
+        slow = dtype == torch.bfloat16 and not bf16_native  # emulated bf16 is 7-19x slower: keep it small
         N, n_mm, repeats = (2, 512, 1) if slow else (32, 2048, 5)
         x = torch.randn(N, 256, 32, 32, device=device, dtype=dtype)
         w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype)
