@@ -73,8 +73,8 @@ def _algorithm(c_in, h, w):
     """The 3x3 convolution algorithm measured fastest on a 2-core AVX2 CPU at evaluation batch sizes:
     "f4" for at least 256 input channels on 8x8 maps (1.7-1.8x faster than NNPACK there), "nnpack" for
     at least 64 on 32x32 maps and larger or 128 on 16x16 (our F(4x4) loses there: its transforms are
-    memory-bound torch ops), "direct" otherwise. The choice depends on the layer only, never on the batch, so a
-    sequence's prediction does not depend on the batch it is in."""
+    memory-bound torch ops), "direct" otherwise. The choice depends on the layer only, never on the
+    batch, so a sequence's prediction does not depend on the batch it is in."""
     if c_in >= 256 and h == w == 8:
         return "f4"
     size = min(h, w)
