@@ -9,29 +9,25 @@ Measured, each fast path next to its reference (median of repeats after warm-up,
  1. loader: decoded memory-mapped cache vs PNG decoding (`no_cache`), same split and items, tensors compared;
     and whether one loader process outpaces what a training step at batch 12 consumes.
  2. training step at full width (forward + loss + backward + Adam): the per-step fp32 rollout as SVG's code and
-    the course's sample run it (the reference) vs this repository's per-step rollout, its batched rollout in
+    the course's sample run it (the reference) vs the plain CVAE.forward (per step), the batched rollout in
     fp32, channels_last, and bf16 autocast.
  3. model FLOP/s (torch.utils.flop_counter on the meta device) against this machine's measured peak
     (a large convolution and a large matmul) of the same precision.
- 4. the graded evaluation (`utils.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences, with the
-    direct convolution algorithm and with the Winograd algorithms where they pay (`models.vgg_64.conv3x3`).
- 5. batched PSNR/SSIM (`utils.batch_metrics`, eager and torch.compile'd) vs the per-channel `utils.finn_eval_seq`.
+ 4. the graded evaluation (`evaluation.evaluate`, n_past 2, n_future 10) scaled to the 256 test sequences, with the
+    direct convolution algorithm and with the Winograd algorithms where they pay (`models.fast.conv3x3`).
+ 5. batched PSNR/SSIM (`metrics.batch_metrics`, eager and torch.compile'd) vs the per-channel `utils.finn_eval_seq`.
  6. on paper: FLOPs of the course schedule and its time on one modern GPU at the fraction of peak achieved here.
 Without --data_root a small data set is generated in a temporary directory (make_sim_dataset.py when present,
 random PNG/CSV files otherwise). Where a figure is extrapolated (a subset scaled up, a smaller batch scaled by
 its FLOP count) the table and bench.json say so.
 """
-import os
-
-# As the entry points do (train_fixed_prior.py, test.py): OpenMP threads sleep instead of spinning while
-# they wait, which keeps timings sane when anything else runs on the CPU. Set before torch loads OpenMP;
-# an explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import runtime  # noqa: F401  (first, as the entry points: sets the OpenMP wait policy before torch loads)
 
 import argparse
 import functools
 import gc
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -41,14 +37,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import evaluation
+import metrics
 import utils
 from dataset import bair_robot_pushing_dataset
-from models import CVAE, vgg_decoder
-from models import vgg_64
-from models.cvae import kl_standard_normal
+from models import CVAE, fast, kl_divergence
 
 N_PAST, N_FUTURE = 2, 10
 T = N_PAST + N_FUTURE  # frames per training clip
@@ -60,8 +55,8 @@ GPU = {"name": "NVIDIA A100 SXM (dense, no sparsity)", "fp32": 19.5e12, "bf16": 
 Config = namedtuple("Config", "batched amp channels_last svg")
 TRAIN_CONFIGS = {
     "fp32 per-step SVG": Config(False, "off", False, True),  # the reference
-    "fp32 per-step": Config(False, "off", False, False),  # this repository's per-step rollout (frames encoded
-    # once, skip terms once per skip frame)
+    "fp32 per-step": Config(False, "off", False, False),  # the plain CVAE.forward: one frame at a time, each
+    # frame encoded once, the decoder concatenating the skips (the reference the fast paths are tested against)
     "fp32 batched": Config(True, "off", False, False),
     "fp32 batched CL": Config(True, "off", True, False),
     "bf16 batched": Config(True, "bf16", False, False),
@@ -70,38 +65,18 @@ TRAIN_CONFIGS = {
 REFERENCE = "fp32 per-step SVG"
 
 
-class SVGDecoder(vgg_decoder):
-    """vgg_decoder run as SVG's code runs it: cat([upsampled, skip]) through each block's whole first
-    convolution, at every step. The same function as vgg_decoder (tests/test_models.py checks the
-    split against this concatenation), without the skip terms computed once per skip frame."""
-
-    def skip_terms(self, skips):
-        return skips
-
-    def forward(self, h, skips):
-        h, lead = h.reshape(-1, h.shape[-1]), h.shape[:-1]  # (N, dim)
-        skips = [s.reshape(-1, *s.shape[len(lead):]) for s in skips]  # each (N, c, r, r)
-        d = self.upc1(h[:, :, None, None])
-        for block, s in zip((self.upc2, self.upc3, self.upc4, self.upc5), reversed(skips)):
-            d = block(torch.cat([F.interpolate(d, scale_factor=2), s], 1))  # nearest 2x
-        return d.reshape(*lead, *d.shape[1:])
-
-
 def make_model(config, device):
     """The full-width model of a TRAIN_CONFIGS entry."""
-    model = CVAE()
-    if TRAIN_CONFIGS[config].svg:
-        model.decoder = SVGDecoder(model.g_dim)
-    model = model.to(device)
+    model = CVAE().to(device)
     return model.to(memory_format=torch.channels_last) if TRAIN_CONFIGS[config].channels_last else model
 
 
 def svg_forward(model, frames, conds, n_past):
-    """A teacher-forced training forward as SVG's code runs it: at every step the input frame and the
-    posterior's target are encoded in separate calls (so frames 1..T-2 are encoded twice), and the
-    decoder (an SVGDecoder) concatenates the skips. The same model and losses as CVAE.forward."""
+    """A teacher-forced training forward as SVG's code and the course sample run it: at every step the input
+    frame and the posterior's target are encoded in separate calls (so frames 1..T-2 are encoded twice).
+    The same model and losses as CVAE.forward (tests/test_models.py)."""
     B, T = frames.shape[:2]
-    c = model.embed_conditions(conds)  # (B, T-1, E)
+    c = model.embed_conditions(conds, B, T)  # (B, T-1, E)
     noise = torch.randn(B, T - 1, model.z_dim, device=frames.device)
     state_p = state_q = skips = None
     mse = kld = 0
@@ -109,11 +84,11 @@ def svg_forward(model, frames, conds, n_past):
         h, sk = model.encoder(frames[:, t - 1])  # (B, g)
         skips = sk if t - 1 < n_past else skips
         h_target = model.encoder(frames[:, t])[0]
-        z, mu, logvar, state_q = model.posterior(h_target[:, None], state_q, noise[:, t - 1: t])
-        g, state_p = model.frame_predictor(torch.cat([h[:, None], z, c[:, t - 1: t]], -1), state_p)
-        pred = model.decoder(g[:, 0], skips)  # (B, C, H, W)
+        z, mu, logvar, state_q = model.posterior(h_target, state_q, noise[:, t - 1])
+        g, state_p = model.frame_predictor(torch.cat([h, z, c[:, t - 1]], 1), state_p)
+        pred = model.decoder(g, skips)  # (B, C, H, W)
         mse = mse + (pred - frames[:, t]).pow(2).mean()
-        kld = kld + kl_standard_normal(mu, logvar).mean()
+        kld = kld + kl_divergence(mu, logvar).sum(1).mean()
     return {"mse": mse, "kld": kld}
 
 
@@ -266,7 +241,7 @@ def count_flops(B, config, train=True, steps=T):
     """FLOPs of one forward (+ backward when train) of the full-width model of a TRAIN_CONFIGS entry at
     batch B (counted ops are convolutions and matmuls, all linear in B, so one batch of 2 is counted and
     scaled; the Adam update and elementwise ops are not counted). Evaluation (train=False) runs the graded
-    rollout as utils.evaluate does: per step, without teacher forcing, decoding the predicted frames only;
+    rollout as evaluation.evaluate does: per step, without teacher forcing, decoding the predicted frames only;
     counted as direct convolutions (the Winograd paths do fewer multiplications for the same map)."""
     return B * _count_flops_b2(config, train, steps) // 2
 
@@ -285,7 +260,7 @@ def _count_flops_b2(config, train, steps):
         else:
             model.eval()
             with torch.no_grad():
-                model(frames, conds, N_PAST, teacher_forcing=False, prior=True, noise=noise, decode_from=N_PAST)
+                fast.predict(model, frames, conds, N_PAST, N_FUTURE, noise)
     return counter.get_total_flops()
 
 
@@ -328,7 +303,7 @@ def train_step_seconds(config, B, device, warmup, repeats, steps=T):
     conds = torch.randn(B, steps, 7, device=device)
 
     def step():
-        with utils.autocast(device, amp):
+        with runtime.autocast(device, amp):
             out = training_forward(config, model, frames, conds)
         loss = out["mse"] + 1.0 * out["kld"]
         opt.zero_grad(set_to_none=True)
@@ -420,9 +395,9 @@ def bench_eval(data_root, cache_dir, device, plan, log):
     test = bair_robot_pushing_dataset(dataset_args(data_root, cache_dir, n_eval=0), "test")
     n = min(len(test), 256, plan["eval_seqs"])
     subset = torch.utils.data.Subset(test, range(n))
-    res, default = {}, vgg_64.WINOGRAD
+    res, default = {}, fast.WINOGRAD
     for bs, channels_last, winograd in plan["eval_configs"]:
-        vgg_64.WINOGRAD = winograd  # Winograd 3x3 convolutions where they pay (models/vgg_64.py)
+        fast.WINOGRAD = winograd  # Winograd 3x3 convolutions where they pay (models/fast.py)
         torch.manual_seed(0)
         model = CVAE().to(device)
         if channels_last:
@@ -430,11 +405,11 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         model.eval()
         with torch.no_grad():  # warm-up: the same batch shapes on a 3-frame clip
             b = min(bs, n)
-            model(torch.rand(b, 3, 3, 64, 64, device=device), torch.zeros(b, 3, 7, device=device), N_PAST,
-                  teacher_forcing=False, prior=True)
+            fast.predict(model, torch.rand(b, N_PAST, 3, 64, 64, device=device), torch.zeros(b, 3, 7, device=device),
+                         N_PAST, 1)
         sync(device)
         t0 = time.perf_counter()
-        out = utils.evaluate(model, subset, N_PAST, N_FUTURE, device, batch_size=bs)
+        out = evaluation.evaluate(model, subset, N_PAST, N_FUTURE, device, batch_size=bs)
         sync(device)
         sec = time.perf_counter() - t0
         assert out["n_sequences"] == n
@@ -444,7 +419,7 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         log(f"  {name}: {sec:.1f} s for {n} sequences -> {sec * 256 / n:.1f} s for 256")
         del model
         gc.collect()
-    vgg_64.WINOGRAD = default
+    fast.WINOGRAD = default
     return res
 
 
@@ -458,11 +433,11 @@ def bench_metrics(device, plan):
     res = {"shape": list(gt.shape)}
     for name, compiled in (("eager", False), ("compiled", True)):
         t0 = time.perf_counter()
-        utils.batch_metrics(gt[:2], pred[:2], compiled=compiled)  # warm-up; compiles the kernel once
+        metrics.batch_metrics(gt[:2], pred[:2], compiled=compiled)  # warm-up; compiles the kernel once
         res[f"{name}_first_call_s"] = time.perf_counter() - t0
-        res[f"{name}_s"], _ = timed(lambda: utils.batch_metrics(gt, pred, compiled=compiled), device, warmup=0,
+        res[f"{name}_s"], _ = timed(lambda: metrics.batch_metrics(gt, pred, compiled=compiled), device, warmup=0,
                                     repeats=plan["metric_repeats"])
-        res[name] = [v.cpu().numpy() for v in utils.batch_metrics(gt, pred, compiled=compiled)]  # psnr, ssim
+        res[name] = [v.cpu().numpy() for v in metrics.batch_metrics(gt, pred, compiled=compiled)]  # psnr, ssim
     k = plan["finn_seqs"]
     gt_seq = [gt[:k, t].cpu() for t in range(N_FUTURE)]  # the sample's time-major list of (B, C, H, W)
     pred_seq = [pred[:k, t].cpu() for t in range(N_FUTURE)]
@@ -584,7 +559,7 @@ def print_table(rows, log):
 # ----------------------------------------------------------------------------------------------------
 def main(args):
     t_start = time.perf_counter()
-    malloc_tuned = utils.keep_freed_memory()  # as train_fixed_prior.py and test.py do
+    malloc_tuned = runtime.keep_freed_memory()  # as train_fixed_prior.py and test.py do
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -628,7 +603,7 @@ def main(args):
                         bf16_native, log)
         peak = section("3. peak FLOP/s (second measurement)",
                        lambda: merge_peaks(peak_first, bench_peak(device, bf16_native)))
-        evals = section("4. evaluation (utils.evaluate, n_past 2, n_future 10)", bench_eval, data_root, cache_dir,
+        evals = section("4. evaluation (evaluation.evaluate, n_past 2, n_future 10)", bench_eval, data_root, cache_dir,
                         device, plan, log)
         metrics = section("5. metrics", bench_metrics, device, plan)
         top_ops = section("profile", profile_step, device, plan["headline_batch"], log) if args.profile else None

@@ -10,6 +10,7 @@ keyed by a fingerprint of the listing (paths, sizes, mtimes), so later runs skip
     python dataset.py --data_root data/processed_data --split test   # validate a split, build its cache
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,9 @@ from torch.utils.data import Dataset
 SEQ_LEN = 30  # frames per BAIR sequence
 IMG_SIZE = 64
 COND_FILES = (("actions.csv", 4), ("endeffector_positions.csv", 3))  # cond_t = [action_t, endeffector_t]
+# --cond: which per-frame conditions the model gets, and so which files a sequence needs. "none" is the
+# action-free model (SVG on BAIR): frames only, the CSV files are not read.
+CONDITIONS = {"action_pos": COND_FILES, "action": COND_FILES[:1], "none": ()}
 CACHE_VERSION = 1
 
 
@@ -56,9 +60,9 @@ def list_sequences(split_dir):
     return seqs
 
 
-def required_files(seq_dir):
+def required_files(seq_dir, cond_files=COND_FILES):
     return [os.path.join(seq_dir, f"{i}.png") for i in range(SEQ_LEN)] + \
-           [os.path.join(seq_dir, name) for name, _ in COND_FILES]
+           [os.path.join(seq_dir, name) for name, _ in cond_files]
 
 
 def read_csv(path, n_cols):
@@ -94,9 +98,11 @@ def read_png(path):
     return arr
 
 
-def load_sequence(seq_dir):
-    """All 30 frames (30, 64, 64, 3) uint8 and conditions (30, 7) float32 of one sequence directory."""
-    conds = np.concatenate([read_csv(os.path.join(seq_dir, name), n) for name, n in COND_FILES], 1)
+def load_sequence(seq_dir, cond_files=COND_FILES):
+    """All 30 frames (30, 64, 64, 3) uint8 and conditions (30, 7) float32 of one sequence directory
+    ((30, 4) with the actions only, (30, 0) without conditions)."""
+    conds = np.concatenate([np.zeros((SEQ_LEN, 0), np.float32)] +
+                           [read_csv(os.path.join(seq_dir, name), n) for name, n in cond_files], 1)
     frames = np.stack([read_png(os.path.join(seq_dir, f"{i}.png")) for i in range(SEQ_LEN)])
     return frames, conds
 
@@ -109,11 +115,11 @@ def _pad(messages, keep):
     return [None if k else next(it) for k in keep]
 
 
-def fingerprint(seqs, root):
+def fingerprint(seqs, root, cond_files=COND_FILES):
     """Hash of every required file's relative path, size and mtime: any change invalidates the cache."""
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
     for seq in seqs:
-        for f in required_files(seq):
+        for f in required_files(seq, cond_files):
             try:
                 st = os.stat(f)
                 h.update(f"{os.path.relpath(f, root)}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -122,14 +128,14 @@ def fingerprint(seqs, root):
     return h.hexdigest()[:20]
 
 
-def _load_or_none(seq_dir):
+def _load_or_none(seq_dir, cond_files=COND_FILES):
     try:
-        return load_sequence(seq_dir), None
+        return load_sequence(seq_dir, cond_files), None
     except DataError as e:
         return None, str(e)
 
 
-def build_cache(seqs, cache_path, workers=0, skip_bad=False, progress=True):
+def build_cache(seqs, cache_path, workers=0, skip_bad=False, progress=True, cond_files=COND_FILES):
     """Decode every sequence into <cache_path>/{frames,conds}.npy + index.json, atomically.
 
     The arrays are written into a temporary directory beside the target and renamed into place only
@@ -142,10 +148,11 @@ def build_cache(seqs, cache_path, workers=0, skip_bad=False, progress=True):
         n = len(seqs)
         frames = np.lib.format.open_memmap(os.path.join(tmp, "frames.npy"), "w+", np.uint8,
                                            (n, SEQ_LEN, IMG_SIZE, IMG_SIZE, 3))
-        conds = np.zeros((n, SEQ_LEN, sum(c for _, c in COND_FILES)), np.float32)
+        conds = np.zeros((n, SEQ_LEN, sum(c for _, c in cond_files)), np.float32)
         keep, bad = np.ones(n, bool), []
         pool = Pool(workers) if workers > 0 else None
-        results = pool.imap(_load_or_none, seqs, chunksize=8) if pool else map(_load_or_none, seqs)
+        load = functools.partial(_load_or_none, cond_files=cond_files)
+        results = pool.imap(load, seqs, chunksize=8) if pool else map(load, seqs)
         if progress:
             from tqdm import tqdm
             results = tqdm(results, total=n, desc=f"caching {os.path.basename(cache_path)}", leave=False)
@@ -180,7 +187,8 @@ class bair_robot_pushing_dataset(Dataset):
 
     Returns frames (T, 3, 64, 64) float32 in [0, 1] and conditions (T, 7) float32, where
     T = min(max(n_past + n_future, n_eval), 30). Reads the decoded cache unless args.no_cache.
-    Optional args: no_cache, cache_dir, skip_bad_sequences, num_workers (cache build), quiet.
+    Optional args: cond (CONDITIONS: which CSV files are read; conditions (T, 0) with "none"), no_cache,
+    cache_dir, skip_bad_sequences, num_workers (cache build), quiet.
     """
 
     def __init__(self, args, mode="train"):
@@ -189,6 +197,7 @@ class bair_robot_pushing_dataset(Dataset):
         self.seq_len = min(max(args.n_past + args.n_future, getattr(args, "n_eval", 0)), SEQ_LEN)
         skip_bad = getattr(args, "skip_bad_sequences", False)
         quiet = getattr(args, "quiet", False)
+        self.cond_files = cond_files = CONDITIONS[getattr(args, "cond", "action_pos")]
         split_dir = os.path.join(self.root, mode)
         if not os.path.isdir(self.root):
             raise DataError(f"--data_root {args.data_root}: directory not found")
@@ -196,7 +205,7 @@ class bair_robot_pushing_dataset(Dataset):
         bad = {}  # sequence dir -> what is wrong with it
         # Missing files are found up front from the listing, so a training run does not die hours in.
         for seq in seqs:
-            missing = [f for f in required_files(seq) if not os.path.isfile(f)]
+            missing = [f for f in required_files(seq, cond_files) if not os.path.isfile(f)]
             if missing:
                 bad[seq] = f"{missing[0]}: missing " + ("frame" if missing[0].endswith(".png") else "file")
                 if not skip_bad:
@@ -205,13 +214,13 @@ class bair_robot_pushing_dataset(Dataset):
         self.frames = self.conds = None
         if getattr(args, "no_cache", False):
             if skip_bad:  # content errors are only found by decoding; do it once here
-                bad.update({s: m for s in good if (m := _load_or_none(s)[1]) is not None})
+                bad.update({s: m for s in good if (m := _load_or_none(s, cond_files)[1]) is not None})
                 good = [s for s in good if s not in bad]
         else:
             cache_root = getattr(args, "cache_dir", "") or os.path.join(self.root, ".cache")
-            self.cache_path = os.path.join(cache_root, f"{mode}-{fingerprint(seqs, self.root)}")
+            self.cache_path = os.path.join(cache_root, f"{mode}-{fingerprint(seqs, self.root, cond_files)}")
             if not os.path.isdir(self.cache_path):
-                build_cache(good, self.cache_path, getattr(args, "num_workers", 0), skip_bad, not quiet)
+                build_cache(good, self.cache_path, getattr(args, "num_workers", 0), skip_bad, not quiet, cond_files)
             with open(os.path.join(self.cache_path, "index.json")) as f:
                 index = json.load(f)
             keep = np.asarray(index["keep"], bool)
@@ -231,7 +240,7 @@ class bair_robot_pushing_dataset(Dataset):
 
     def _raw(self, index):
         if self.conds is None:
-            return load_sequence(self.seqs[index])
+            return load_sequence(self.seqs[index], self.cond_files)
         if self.frames is None:
             self.frames = np.load(os.path.join(self.cache_path, "frames.npy"), mmap_mode="r")
         row = self.rows[index]
@@ -246,7 +255,7 @@ class bair_robot_pushing_dataset(Dataset):
     def cond_stats(self):
         """Per-column mean and std of the conditions over the split (for input standardisation)."""
         conds = self.conds[self.rows] if self.conds is not None else np.stack([self._raw(i)[1] for i in range(len(self))])
-        flat = conds.reshape(-1, conds.shape[-1]).astype(np.float64)
+        flat = conds.reshape(int(np.prod(conds.shape[:-1])), conds.shape[-1]).astype(np.float64)  # (N * 30, cond_dim)
         return flat.mean(0).astype(np.float32), flat.std(0).astype(np.float32)
 
 

@@ -33,7 +33,7 @@ import time
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: the physics runs on the float32 actions stored in the CSV
 SEQ_LEN = 30
 IMAGE_SIZE = 64
 SHARD = 256  # sequences per .tfrecords folder, as in BAIR
@@ -330,13 +330,13 @@ class _Policy:
     """Random exploration that often pushes things: head for an object (and through it), sometimes
     for a random point, with momentum and noise; occasional lifts and gripper changes."""
 
-    def __init__(self, rng):
+    def __init__(self, rng, gripper):
         self.rng = rng
         self.goal = None
         self.ttl = 0
         self.vel = np.zeros(2)
         self.height = 0
-        self.gripper = int(rng.integers(2))
+        self.gripper = gripper  # the scene's initial gripper state (drawn by SimScene)
 
     def act(self, cmd, object_xy):
         rng = self.rng
@@ -365,55 +365,90 @@ class _Policy:
         return np.array([step[0], step[1], self.height, self.gripper])
 
 
+class SimScene:
+    """One simulated scene, built from a random generator: the one code path that builds the scene,
+    steps the physics and renders frames, for the data set (simulate_sequence) and for the gymnasium
+    environment (sim_env.py), so that both produce identical frames.
+
+    The constructor draws, in this order, the scene (start position, objects), the initial gripper
+    state, the light and the tray tone from rng; then it renders the static background and lets the
+    objects settle. Per frame: `observe()` gives the frame and the end-effector position, `apply(action)`
+    runs the physics of one frame under an action row. Only one scene per process is live: building a
+    new one removes the previous one's moving bodies (they share this process's pybullet clients).
+    """
+
+    def __init__(self, rng, render_size=IMAGE_SIZE):
+        S = _sim()
+        self.S, self.p, self.bg, self.render_size = S, S["phys"], S["bg"], render_size
+        p = self.p
+        self.handles = _build_scene(rng)
+        self.pusher, self.objects = self.handles["pusher"], self.handles["objects"]
+        self.arm = _Arm(p, self.handles["robot"])
+        self.gripper = int(rng.integers(2))  # initial gripper state: 0 open, 1 closed
+        for j in (0, 1):
+            p.resetJointState(self.pusher, j, 0.0 if self.gripper else FINGER_OPEN)
+        tone = rng.uniform(0.9, 1.0)  # small per-sequence variation of light and tray colour
+        self.bg.changeVisualShape(S["bg_tray"], -1, rgbaColor=[0.92 * tone, 0.9 * tone, 0.8 * tone, 1])
+        self.light = [rng.uniform(-0.6, 0.2), rng.uniform(-0.6, 0.6), 2.0]
+        self.view = p.computeViewMatrix(CAM_EYE, CAM_TARGET, [0, 0, 1])
+        self.proj = p.computeProjectionMatrixFOV(CAM_FOV, 1.0, 0.1, 4.0)
+        self.back_rgb, self.back_depth = self._render(self.bg)
+        for _ in range(4):  # let the objects settle
+            p.stepSimulation()
+        self.cmd = self.handles["start"].copy()  # the commanded pusher position
+
+    def _render(self, client):
+        n = self.render_size
+        _, _, rgb, depth, _ = client.getCameraImage(
+            n, n, self.view, self.proj, renderer=self.S["p"].ER_TINY_RENDERER, shadow=0, lightDirection=self.light,
+            lightAmbientCoeff=0.62, lightDiffuseCoeff=0.45, lightSpecularCoeff=0.05, flags=self.S["p"].ER_NO_SEGMENTATION_MASK)
+        rgb = np.reshape(np.asarray(rgb, np.uint8), (n, n, 4))[:, :, :3]
+        return rgb, np.reshape(np.asarray(depth, np.float32), (n, n))
+
+    def pusher_position(self):
+        return np.array(self.p.getBasePositionAndOrientation(self.pusher)[0])
+
+    def object_positions(self):
+        """(n_objects, 3) positions of the objects' centres."""
+        return np.array([self.p.getBasePositionAndOrientation(b)[0] for b in self.objects]).reshape(-1, 3)
+
+    def observe(self):
+        """Put the drawn arm on the pusher and render. Returns (frame (H, W, 3) uint8, end-effector (3,))."""
+        p = self.p
+        # The drawn hand points down (its y axis is world -y): its finger 2 is the pusher's finger 0.
+        opening = [p.getJointState(self.pusher, j)[0] for j in (1, 0)]
+        position = self.arm.move(self.pusher_position(), opening)
+        rgb, depth = self._render(p)
+        return np.where((depth < self.back_depth)[..., None], rgb, self.back_rgb), position
+
+    def apply(self, action):
+        """The physics of one frame under an action row (dx, dy, height command, gripper command): the
+        pusher follows a straight line to the new command over the frame's physics steps."""
+        cmd = self.cmd
+        new = np.array([cmd[0] + action[0], cmd[1] + action[1], Z_LEVELS[int(action[2])]])
+        for i in range(1, SUBSTEPS + 1):
+            _drive(self.p, self.pusher, cmd + (new - cmd) * i / SUBSTEPS, int(action[3]))
+        self.cmd = new
+
+
 def simulate_sequence(seed_words, render_size=IMAGE_SIZE):
     """Simulate one sequence from its seed. Returns frames (30,H,W,3) uint8, actions (30,4), positions (30,3)."""
     rng = np.random.default_rng(np.random.SeedSequence(list(seed_words)))
-    S = _sim()
-    p, bg = S["phys"], S["bg"]
-    scene = _build_scene(rng)
-    arm = _Arm(p, scene["robot"])
-    policy = _Policy(rng)
-    for j in (0, 1):
-        p.resetJointState(scene["pusher"], j, 0.0 if policy.gripper else FINGER_OPEN)
-
-    tone = rng.uniform(0.9, 1.0)  # small per-sequence variation of light and tray colour
-    bg.changeVisualShape(S["bg_tray"], -1, rgbaColor=[0.92 * tone, 0.9 * tone, 0.8 * tone, 1])
-    light = [rng.uniform(-0.6, 0.2), rng.uniform(-0.6, 0.6), 2.0]
-    view = p.computeViewMatrix(CAM_EYE, CAM_TARGET, [0, 0, 1])
-    proj = p.computeProjectionMatrixFOV(CAM_FOV, 1.0, 0.1, 4.0)
-
-    def render(client):
-        _, _, rgb, depth, _ = client.getCameraImage(
-            render_size, render_size, view, proj, renderer=S["p"].ER_TINY_RENDERER, shadow=0, lightDirection=light,
-            lightAmbientCoeff=0.62, lightDiffuseCoeff=0.45, lightSpecularCoeff=0.05, flags=S["p"].ER_NO_SEGMENTATION_MASK)
-        rgb = np.reshape(np.asarray(rgb, np.uint8), (render_size, render_size, 4))[:, :, :3]
-        return rgb, np.reshape(np.asarray(depth, np.float32), (render_size, render_size))
-
-    back_rgb, back_depth = render(bg)
-    for _ in range(4):  # let the objects settle
-        p.stepSimulation()
-
-    cmd = scene["start"].copy()
+    scene = SimScene(rng, render_size)
+    policy = _Policy(rng, scene.gripper)
     frames = np.zeros((SEQ_LEN, render_size, render_size, 3), np.uint8)
     actions = np.zeros((SEQ_LEN, 4))
     positions = np.zeros((SEQ_LEN, 3))
     for t in range(SEQ_LEN):
-        pusher = np.array(p.getBasePositionAndOrientation(scene["pusher"])[0])
-        # The drawn hand points down (its y axis is world -y): its finger 2 is the pusher's finger 0.
-        opening = [p.getJointState(scene["pusher"], j)[0] for j in (1, 0)]
-        positions[t] = arm.move(pusher, opening)
-        rgb, depth = render(p)
-        frames[t] = np.where((depth < back_depth)[..., None], rgb, back_rgb)
+        frames[t], positions[t] = scene.observe()
         if t % 2 == 0:
-            xy = [np.array(p.getBasePositionAndOrientation(b)[0][:2]) for b in scene["objects"]]
-            action = policy.act(cmd[:2], xy)
+            # The physics runs on the action exactly as the CSV stores it (float32, like BAIR), so that
+            # replaying a sequence's CSV in sim_env.SimEnv reproduces its frames and positions exactly.
+            action = policy.act(scene.cmd[:2], [xyz[:2] for xyz in scene.object_positions()])
+            action = action.astype(np.float32).astype(np.float64)
         actions[t] = action
-        # Action t acts between frame t and t+1 (the last row has no next frame, as in BAIR): the
-        # pusher follows a straight line to the new command over the frame's physics steps.
-        new = np.array([cmd[0] + action[0], cmd[1] + action[1], Z_LEVELS[int(action[2])]])
-        for i in range(1, SUBSTEPS + 1):
-            _drive(p, scene["pusher"], cmd + (new - cmd) * i / SUBSTEPS, int(action[3]))
-        cmd = new
+        # Action t acts between frame t and t+1 (the last row has no next frame, as in BAIR).
+        scene.apply(action)
     # BAIR stores float32; keep the same precision in the CSVs.
     return frames, actions.astype(np.float32).astype(np.float64), positions.astype(np.float32).astype(np.float64)
 

@@ -1,26 +1,26 @@
-"""Score a trained run with the graded protocol (SPEC Sec. 4) on every sequence of a split.
+"""Score a trained run with the graded protocol (README, "Evaluation") on every sequence of a split, and
+optionally over many prior samples per sequence, as the field reports stochastic models.
 
     python test.py --model_dir logs/fp/<run>                       # -> test psnr: <value>
     python test.py --model_dir logs/fp/<run> --cond_mode shuffled  # ablation: conditions of other sequences
+    python test.py --model_dir logs/fp/<run> --n_samples 20 --lpips  # best/mean/worst of 20, diversity
 
 The model is rebuilt from the checkpoint (no architecture flags). Frames 0..n_past-1 are given, the
 next n_future are predicted without teacher forcing with z from the prior; every sequence is scored
 once, in sorted order; the result does not depend on --batch_size or --num_workers. Writes
-<out>/metrics.json, a GIF (ground truth | prediction) and a per-step PNG strip.
+<out>/metrics.json, a GIF (ground truth | prediction) and a per-step PNG strip; with --n_samples > 1
+also the sample grid (samples.gif/png) and the per-step best/mean/worst curves (samples_curves.png).
 """
-import os
-
-# OpenMP threads that sleep instead of spinning while they wait: when anything else runs on the CPU,
-# spinning threads slowed a training step about 5x here; on an idle CPU it costs nothing. Set before
-# torch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
+import os
 import sys
+import time
 
-import torch
-
-import utils
+import checkpoints
+import evaluation
+import plots
 from dataset import DataError, bair_robot_pushing_dataset
 from models import CVAE
 
@@ -38,7 +38,14 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=None, help="seed of the prior samples (default: the run's seed)")
     p.add_argument("--cond_mode", default="real", choices=["real", "shuffled", "zero"],
                    help="ablation: real conditions, conditions of another sequence, or the mean condition")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision for inference")
+    p.add_argument("--n_samples", type=int, default=1,
+                   help="prior samples per sequence; 1 is the graded protocol, more adds best/mean/worst of N "
+                        "(sample 0 stays the graded one)")
+    p.add_argument("--lpips", action="store_true",
+                   help="also LPIPS (AlexNet, v0.1) of each sample and, with --n_samples > 1, the mean pairwise "
+                        "LPIPS between samples (needs: pip install --no-deps -r requirements-lpips.txt)")
+    p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
+                   help="mixed precision for inference; auto = bf16 where the device has native bf16, else off")
     p.add_argument("--compile_metrics", action="store_true",
                    help="score with torch.compile'd PSNR/SSIM: 3-4x faster metrics after 5-10 s of "
                         "compilation (needs a C++ compiler), so it pays off from a few thousand sequences")
@@ -52,24 +59,37 @@ def get_args_parser():
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    utils.keep_freed_memory()
-    if args.batch_size < 1 or args.num_workers < 0:
-        parser.error("--batch_size must be >= 1 and --num_workers >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    runtime.keep_freed_memory()
+    if args.batch_size < 1 or args.num_workers < 0 or args.n_samples < 1:
+        parser.error("--batch_size and --n_samples must be >= 1 and --num_workers >= 0")
+    try:
+        device = runtime.choose_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    args.amp = runtime.resolve_amp(args.amp, device)
     path = os.path.join(args.model_dir, args.checkpoint)
     try:
-        ckpt = utils.load_checkpoint(path)
+        ckpt = checkpoints.load_checkpoint(path)
         model = CVAE.from_config(ckpt["arch"]).to(device)
-        utils.load_model_state(model, ckpt, path)
-    except utils.CheckpointError as e:
+        checkpoints.load_model_state(model, ckpt, path)
+    except checkpoints.CheckpointError as e:
         sys.exit(f"error: {e}")
+    if args.cond_mode != "real" and not model.cond_dim:
+        parser.error(f"--cond_mode {args.cond_mode}: this run was trained without conditions (--cond none), "
+                     f"so there is nothing to shuffle or zero")
+    lpips = None
+    if args.lpips:
+        import lpips_torch
+        try:
+            lpips = lpips_torch.load_lpips(device)
+        except ModuleNotFoundError as e:
+            sys.exit(f"error: --lpips: {e}")
     train_args = ckpt["args"]
     seed = train_args["seed"] if args.seed is None else args.seed
     data_args = argparse.Namespace(data_root=args.data_root or train_args["data_root"], n_past=train_args["n_past"],
                                    n_future=train_args["n_future"], n_eval=0, no_cache=args.no_cache,
-                                   cache_dir=args.cache_dir, num_workers=args.num_workers)
+                                   cond=train_args.get("cond", "action_pos"), cache_dir=args.cache_dir,
+                                   num_workers=args.num_workers)
     try:
         ds = bair_robot_pushing_dataset(data_args, args.split)
     except DataError as e:
@@ -77,22 +97,39 @@ def main(argv=None):
     if not 0 <= args.gif_index < len(ds):
         parser.error(f"--gif_index {args.gif_index}: the {args.split} split has {len(ds)} sequences")
 
-    res = utils.evaluate(model, ds, data_args.n_past, data_args.n_future, device, args.batch_size, args.num_workers,
-                         seed, args.amp, args.cond_mode, keep=(args.gif_index,), compile_metrics=args.compile_metrics)
+    t0 = time.time()
+    res = evaluation.evaluate(model, ds, data_args.n_past, data_args.n_future, device, args.batch_size,
+                              args.num_workers, seed, args.amp, args.cond_mode, keep=(args.gif_index,),
+                              compile_metrics=args.compile_metrics, n_samples=args.n_samples, lpips=lpips)
+    seconds = time.time() - t0
     out = args.out or os.path.join(args.model_dir, "test" if args.cond_mode == "real" else f"test_{args.cond_mode}")
     os.makedirs(out, exist_ok=True)
-    gt, pred = res.pop("clips")[args.gif_index]
-    utils.save_gif(os.path.join(out, f"seq{args.gif_index}.gif"), gt, pred, data_args.n_past)
-    utils.save_strip(os.path.join(out, f"seq{args.gif_index}.png"), gt, pred, data_args.n_past)
+    clip = res.pop("clips")[args.gif_index]
+    n_past = data_args.n_past
+    plots.save_gif(os.path.join(out, f"seq{args.gif_index}.gif"), clip["gt"], clip["pred"], n_past)
+    plots.save_strip(os.path.join(out, f"seq{args.gif_index}.png"), clip["gt"], clip["pred"], n_past)
+    if args.n_samples > 1:
+        plots.save_sample_grid(os.path.join(out, "samples"), clip, n_past, seed=seed)
+        plots.plot_sample_curves(res, os.path.join(out, "samples_curves.png"), n_past)
     res.pop("per_sequence_psnr")
     metrics = {**res, "checkpoint": os.path.abspath(path), "split": args.split, "seed": seed,
                "cond_mode": args.cond_mode, "data_root": os.path.abspath(data_args.data_root),
-               "epoch": ckpt["epoch"], "step": ckpt["step"]}
-    utils.write_json(os.path.join(out, "metrics.json"), metrics)
+               "epoch": ckpt["epoch"], "step": ckpt["step"], "n_samples": args.n_samples,
+               "seconds": round(seconds, 1)}
+    checkpoints.write_json(os.path.join(out, "metrics.json"), metrics)
     print(f"test psnr: {res['psnr']:.4f}")
     print(f"test ssim: {res['ssim']:.4f} | copy-last-frame psnr: {res['copy_last_psnr']:.4f} | "
-          f"{res['n_sequences']} sequences of {args.split} | cond_mode {args.cond_mode}")
-    print(f"wrote {out}/metrics.json, {out}/seq{args.gif_index}.gif, {out}/seq{args.gif_index}.png")
+          f"{res['n_sequences']} sequences of {args.split} | cond_mode {args.cond_mode} | {seconds:.0f} s")
+    if args.n_samples > 1:
+        s = res["samples"]
+        for key in ("psnr", "ssim", "lpips"):
+            if key in s:
+                print(f"{key} over {args.n_samples} samples: best {s[key]['best']:.4f} +- {s[key]['best_ci95']:.4f} | "
+                      f"mean {s[key]['mean']:.4f} | worst {s[key]['worst']:.4f}  (95% CI over sequences)")
+        print(f"diversity: per-pixel std {s['diversity_pixel_std']:.4f}"
+              + (f" | pairwise LPIPS {s['diversity_lpips']:.4f}" if "diversity_lpips" in s else ""))
+    print(f"wrote {out}/metrics.json, {out}/seq{args.gif_index}.gif, {out}/seq{args.gif_index}.png"
+          + (", samples.gif/png, samples_curves.png" if args.n_samples > 1 else ""))
     return metrics
 
 

@@ -1,6 +1,7 @@
-"""Model zoo: the VGG-64 frame encoder/decoder, the LSTMs, and the conditional VAE composing them."""
-from .cvae import CVAE, ARCH_KEYS
-from .lstm import gaussian_lstm, lstm
+"""The model: VGG-64 frame encoder/decoder (vgg_64.py), the LSTMs (lstm.py), and the conditional VAE
+composing them (cvae.py). fast.py holds exact-equivalent speed paths that a reader may skip."""
+from .cvae import ARCH_KEYS, CVAE, PRIORS
+from .lstm import gaussian_lstm, kl_divergence, lstm
 from .vgg_64 import vgg_decoder, vgg_encoder
 
-__all__ = ["CVAE", "ARCH_KEYS", "lstm", "gaussian_lstm", "vgg_encoder", "vgg_decoder"]
+__all__ = ["CVAE", "ARCH_KEYS", "PRIORS", "lstm", "gaussian_lstm", "kl_divergence", "vgg_encoder", "vgg_decoder"]

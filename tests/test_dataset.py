@@ -49,14 +49,41 @@ def test_cache_is_rebuilt_when_a_file_changes(sim_copy, tmp_path):
     assert ds2[0][0][5].max() == 0 and ds[0][0][5].max() > 0
 
 
+def _listing(root):
+    return sorted((d, tuple(sorted(f))) for d, _, f in os.walk(root))
+
+
 @pytest.mark.skipif(not os.path.isdir(BAIR_REAL), reason="../shared/bair_real not present")
 def test_real_bair_sequences(tmp_path):
-    ds = bair_robot_pushing_dataset(_args(os.path.join(BAIR_REAL, "lab_layout"), tmp_path, no_cache=True), "test")
+    before = _listing(BAIR_REAL)
+    ds = bair_robot_pushing_dataset(_args(os.path.join(BAIR_REAL, "lab_layout"), tmp_path), "test")  # cached
     x, c = ds[0]
     assert x.shape == (30, 3, 64, 64) and c.shape == (30, 7)
     assert torch.equal(c[0::2, :4], c[1::2, :4])  # BAIR holds each action for two frames
     with pytest.raises(DataError, match="endeffector_positions.csv: missing file"):
         bair_robot_pushing_dataset(_args(os.path.join(BAIR_REAL, "actions_only"), tmp_path), "test")
+    # The conditions a model does not use are not required: the actions alone, or frames alone.
+    actions = bair_robot_pushing_dataset(_args(os.path.join(BAIR_REAL, "actions_only"), tmp_path, cond="action"), "test")
+    frames_only = bair_robot_pushing_dataset(_args(os.path.join(BAIR_REAL, "actions_only"), tmp_path, cond="none"), "test")
+    assert actions[0][1].shape == (30, 4) and frames_only[0][1].shape == (30, 0)
+    assert torch.equal(actions[0][0], frames_only[0][0])
+    assert _listing(BAIR_REAL) == before  # the caches went to --cache_dir: nothing written into the data
+
+
+def test_read_only_data_root(sim_copy, tmp_path):
+    """A data root the user cannot write (a shared BAIR copy) works with the cache elsewhere."""
+    for d, _, files in os.walk(sim_copy):
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o444)
+        os.chmod(d, 0o555)
+    before = _listing(sim_copy)
+    try:
+        ds = bair_robot_pushing_dataset(_args(sim_copy, tmp_path), "test")
+        assert len(ds) == 5 and ds[4][0].shape == (30, 3, 64, 64)
+        assert _listing(sim_copy) == before and ds.cache_path.startswith(str(tmp_path / "cache"))
+    finally:
+        for d, _, _ in os.walk(sim_copy):
+            os.chmod(d, 0o755)
 
 
 def _break(seq, what):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import metrics
 import utils
 
 
@@ -49,22 +50,22 @@ def test_finn_eval_seq_matches_reference():
 
 @pytest.mark.parametrize("chunk,compiled", [(128, False), (7, False), (7, True)])  # one pass; a ragged last one
 def test_batched_metrics_equal_finn_eval_seq(chunk, compiled, monkeypatch):
-    monkeypatch.setattr(utils, "SSIM_CHUNK", chunk)
+    monkeypatch.setattr(metrics, "SSIM_CHUNK", chunk)
     gt, pred = _pair(T=4, B=3, size=64)
     _, ssim, psnr = utils.finn_eval_seq(list(gt), list(pred))
     g = torch.from_numpy(gt).permute(1, 0, 2, 3, 4).float()  # (B, T, C, H, W)
     p = torch.from_numpy(pred).permute(1, 0, 2, 3, 4).float()
     _, ssim32, psnr32 = utils.finn_eval_seq(list(g.permute(1, 0, 2, 3, 4)), list(p.permute(1, 0, 2, 3, 4)))
-    psnr_b, ssim_b = utils.batch_metrics(g, p, compiled=compiled)
+    psnr_b, ssim_b = metrics.batch_metrics(g, p, compiled=compiled)
     assert psnr_b.shape == ssim_b.shape == (3, 4)  # (B, T)
     np.testing.assert_allclose(psnr_b.numpy(), psnr32, atol=1e-5)
     np.testing.assert_allclose(ssim_b.numpy(), ssim32, atol=1e-5)
-    np.testing.assert_allclose(utils.batch_psnr(g, p).numpy(), psnr32, atol=1e-5)
+    np.testing.assert_allclose(metrics.batch_psnr(g, p).numpy(), psnr32, atol=1e-5)
     np.testing.assert_allclose(psnr32, psnr, atol=1e-4)  # float32 inputs vs float64
 
 
 def test_identical_frames_give_finite_psnr():
     x = torch.rand(2, 3, 3, 64, 64)
-    psnr, ssim = utils.batch_metrics(x, x)
-    assert torch.isfinite(psnr).all() and torch.isfinite(utils.batch_psnr(x, x)).all()
+    psnr, ssim = metrics.batch_metrics(x, x)
+    assert torch.isfinite(psnr).all() and torch.isfinite(metrics.batch_psnr(x, x)).all()
     assert ssim.sub(1).abs().max() < 1e-9

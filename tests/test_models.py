@@ -1,40 +1,44 @@
-"""Module shapes, the KL formula, the batched rollout against the per-step one, and bench.py's reference."""
+"""The plain model (shapes, KL, the recurrence's conditions) and every fast path against it: the batched
+rollout (losses, gradients, BatchNorm statistics), the inference rollout, skip terms, the upsampled
+convolution, Winograd, BatchNorm folding; both priors, with and without conditions."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal, kl_divergence as torch_kl
 
-from models import CVAE, gaussian_lstm, lstm, vgg_decoder, vgg_encoder
-from models.cvae import kl_standard_normal
-import models.vgg_64 as vgg_64
-from models.norm import fold_batch_norm
-from models.vgg_64 import Conv3x3, upsampled_conv, winograd_f4, winograd_f4_weight
+import models.fast as fast
+from models import CVAE, gaussian_lstm, kl_divergence, lstm, vgg_decoder, vgg_encoder
+from models.fast import upsampled_conv, winograd_f4, winograd_f4_weight
+
+VARIANTS = [dict(prior="fixed"), dict(prior="learned"), dict(prior="learned", cond_dim=0),
+            dict(prior="fixed", last_frame_skip=True)]
 
 
-def test_module_shapes():
+def test_module_shapes_and_clip_forms():
     enc, dec = vgg_encoder(16, base_channels=4), vgg_decoder(16, base_channels=4)
     x = torch.rand(2, 5, 3, 64, 64)  # (B, T, C, H, W)
-    h, skips = enc(x)
-    assert h.shape == (2, 5, 16) and h.abs().max() <= 1
-    assert [s.shape[-3:] for s in skips] == [(4, 64, 64), (8, 32, 32), (16, 16, 16), (32, 8, 8)]
-    assert all(s.shape[:2] == (2, 5) for s in skips)
-    y = dec(h, dec.skip_terms(skips))
-    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
-    # The split first convolution of each block is the convolution of cat([upsampled, skip])
-    # (in eval mode, where BatchNorm does not depend on how the frames are grouped into calls).
-    dec.eval()
-    y = dec(h, dec.skip_terms(skips))
-    d = dec.upc1(h.reshape(10, 16, 1, 1))
-    for block, s in zip((dec.upc2, dec.upc3, dec.upc4, dec.upc5), reversed(skips)):
-        d = block(torch.cat([F.interpolate(d, scale_factor=2), s.reshape(10, *s.shape[2:])], 1))
-    torch.testing.assert_close(y, d.reshape(y.shape), atol=1e-6, rtol=1e-5)
+    h, skips = enc(x[:, 0])
+    assert h.shape == (2, 16) and h.abs().max() <= 1
+    assert [s.shape for s in skips] == [(2, 4, 64, 64), (2, 8, 32, 32), (2, 16, 16, 16), (2, 32, 8, 8)]
+    y = dec(h, skips)
+    assert y.shape == (2, 3, 64, 64) and 0 <= y.min() and y.max() <= 1
+    # The clip forms (eval mode: BatchNorm does not depend on how frames are grouped into calls) equal
+    # the plain per-frame calls; the decoder's split first convolution equals the concatenation.
+    enc.eval(), dec.eval()
+    hc, skc = fast.encode(enc, x)
+    assert hc.shape == (2, 5, 16) and all(s.shape[:2] == (2, 5) for s in skc)
+    yc = fast.decode(dec, hc, fast.skip_terms(dec, skc))
+    for t in range(5):
+        h, skips = enc(x[:, t])
+        torch.testing.assert_close(hc[:, t], h)
+        torch.testing.assert_close(yc[:, t], dec(h, skips), atol=1e-6, rtol=1e-5)
     pred = lstm(10, 6, 12, 2)
-    out, state = pred(torch.randn(3, 4, 10))
-    assert out.shape == (3, 4, 6) and len(state) == 2 and state[0][0].shape == (3, 12)
-    out2, _ = pred(torch.randn(5, 1, 10))  # no state sized to an earlier batch
-    assert out2.shape == (5, 1, 6)
-    z, mu, logvar, _ = gaussian_lstm(10, 7, 12, 1)(torch.randn(3, 4, 10))
-    assert z.shape == mu.shape == logvar.shape == (3, 4, 7)
+    out, state = pred(torch.randn(3, 10))
+    assert out.shape == (3, 6) and len(state) == 2 and state[0][0].shape == (3, 12)
+    out2, _ = pred(torch.randn(5, 10))  # no state sized to an earlier batch
+    assert out2.shape == (5, 6)
+    z, mu, logvar, _ = gaussian_lstm(10, 7, 12, 1)(torch.randn(3, 10))
+    assert z.shape == mu.shape == logvar.shape == (3, 7)
 
 
 def test_upsampled_conv_is_upsample_then_conv():
@@ -52,120 +56,167 @@ def test_winograd_f4_is_a_convolution():
         torch.testing.assert_close(winograd_f4(x, winograd_f4_weight(w), b), F.conv2d(x, w, b, padding=1),
                                    atol=1e-10, rtol=1e-10)
     # A frozen layer keeps the transform of its weight, and notices when the weight changes.
-    conv = Conv3x3(256, 8).requires_grad_(False)
+    conv = torch.nn.Conv2d(256, 8, 3, 1, 1).requires_grad_(False)
     x = torch.randn(2, 256, 8, 8)
     with torch.no_grad():
         for change in (lambda: None, lambda: conv.weight.mul_(-2), lambda: setattr(conv, "weight", torch.nn.Parameter(
                 0.02 * torch.randn(8, 256, 3, 3), requires_grad=False))):
             change()
-            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fast.run_per_step(conv, x, 1), F.conv2d(x, conv.weight, conv.bias, padding=1),
+                                       atol=1e-4, rtol=1e-4)
             assert conv._f4[0] is conv.weight
 
 
-@pytest.mark.skipif(not vgg_64._nnpack_available(), reason="this PyTorch build has no NNPACK")
+@pytest.mark.skipif(not fast._nnpack_available(), reason="this PyTorch build has no NNPACK")
 def test_winograd_inference_matches_direct(monkeypatch):
     calls, f4_calls = [], []
-    nnpack, f4 = torch._nnpack_spatial_convolution, vgg_64.winograd_f4
+    nnpack, f4 = torch._nnpack_spatial_convolution, fast.winograd_f4
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[0].shape) or nnpack(*a))
-    monkeypatch.setattr(vgg_64, "winograd_f4", lambda *a: f4_calls.append(a[0].shape) or f4(*a))
+    monkeypatch.setattr(fast, "winograd_f4", lambda *a: f4_calls.append(a[0].shape) or f4(*a))
     model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=32).eval()  # 64-256 channels: some layers qualify
     frames, conds, noise = torch.rand(2, 4, 3, 64, 64), torch.randn(2, 4, 7), torch.randn(2, 3, 4)
     with torch.no_grad():
-        fast = model(frames, conds, 2, teacher_forcing=False, prior=True, noise=noise)["pred"]
+        fast_pred = fast.predict(model, frames, conds, 2, 2, noise)
         assert {s[-3:] for s in calls} == {(64, 32, 32), (128, 16, 16)}
         assert {s[-3:] for s in f4_calls} == {(256, 8, 8)}
         calls += f4_calls
-        monkeypatch.setattr(vgg_64, "WINOGRAD", False)
+        monkeypatch.setattr(fast, "WINOGRAD", False)
         n = len(calls)
-        direct = model(frames, conds, 2, teacher_forcing=False, prior=True, noise=noise)["pred"]
+        direct = fast.predict(model, frames, conds, 2, 2, noise)
         assert len(calls) == n
-    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=0)
-    monkeypatch.setattr(vgg_64, "WINOGRAD", True)
-    model(frames, conds, 2, teacher_forcing=True)["mse"].backward()  # training keeps the direct algorithm
+    torch.testing.assert_close(fast_pred, direct, atol=1e-5, rtol=0)
+    monkeypatch.setattr(fast, "WINOGRAD", True)
+    model(frames, conds, 2, batched=True)["mse"].backward()  # training keeps the direct algorithm
     assert len(calls) == n
 
 
-def test_kl_matches_closed_form():
-    mu, logvar = torch.randn(6, 9), torch.randn(6, 9)
-    ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
-    torch.testing.assert_close(kl_standard_normal(mu, logvar), ref)
+def test_kl_matches_torch_distributions():
+    mu_q, logvar_q, mu_p, logvar_p = torch.randn(4, 6, 9).unbind(0)
+    q = Normal(mu_q, (0.5 * logvar_q).exp())
+    torch.testing.assert_close(kl_divergence(mu_q, logvar_q), torch_kl(q, Normal(0.0, 1.0)))
+    torch.testing.assert_close(kl_divergence(mu_q, logvar_q, mu_p, logvar_p),
+                               torch_kl(q, Normal(mu_p, (0.5 * logvar_p).exp())))
+    zeros = torch.zeros_like(mu_p)  # the general form with p = N(0, I) is the standard-normal one
+    torch.testing.assert_close(kl_divergence(mu_q, logvar_q, zeros, zeros), kl_divergence(mu_q, logvar_q))
 
 
-def _model():
+def _model(**kw):
     torch.manual_seed(0)
-    m = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    cfg = dict(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, **kw)
+    m = CVAE(**cfg)
     x = torch.rand(4, 8, 3, 64, 64)
-    c = torch.randn(4, 8, 7)
+    c = torch.randn(4, 8, 7) if m.cond_dim else None
     m.train()
     for _ in range(3):  # move BatchNorm running statistics away from their initial values
-        m(x, c, 2)
+        m(x, c, 2, batched=True)
     return m.eval(), x, c, torch.randn(4, 7, 4)
 
 
-def test_batched_rollout_matches_per_step():
-    m, x, c, noise = _model()
-    with torch.no_grad():
-        for tf, prior in ((True, False), (True, True), (False, True), (False, False)):
-            a = m(x, c, 3, teacher_forcing=tf, prior=prior, noise=noise, batched=True)
-            b = m(x, c, 3, teacher_forcing=tf, prior=prior, noise=noise, batched=False)
-            torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(a["kld_per_step"], b["kld_per_step"], atol=1e-5, rtol=1e-4)
-            assert a["pred"].shape == (4, 7, 3, 64, 64)
-            assert a["kld_per_step"].shape == ((2,) if prior else (7,))
-            for batched in (True, False):  # decoding from the last given frame on: the same frames
-                d = m(x, c, 3, teacher_forcing=tf, prior=prior, noise=noise, batched=batched, decode_from=3)
-                torch.testing.assert_close(d["pred"], a["pred"][:, 2:], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(d["mse_per_step"], a["mse_per_step"][2:], atol=1e-6, rtol=1e-4)
-        with pytest.raises(ValueError, match="decode_from"):
-            m(x, c, 3, decode_from=4)
-
-
-def test_inference_copy_folds_batch_norm():
-    m, x, c, noise = _model()
-    m.train()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    folded = fold_batch_norm(m)
-    assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in folded.modules())
-    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
-    assert m.training and all(p.requires_grad for p in m.parameters())  # the model itself is untouched
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
-    m.eval()
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_fast_rollouts_match_the_plain_model(kw):
+    m, x, c, noise = _model(**kw)
     with torch.no_grad():
         for tf in (True, False):
-            a = m(x, c, 2, teacher_forcing=tf, prior=True, noise=noise)["pred"]
-            torch.testing.assert_close(folded(x, c, 2, teacher_forcing=tf, prior=True, noise=noise)["pred"], a,
-                                       atol=1e-5, rtol=1e-4)
+            a = m(x, c, 3, teacher_forcing=tf, noise=noise)
+            b = m(x, c, 3, teacher_forcing=tf, noise=noise, batched=True)
+            torch.testing.assert_close(b["pred"], a["pred"], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(b["kl"], a["kl"], atol=1e-5, rtol=1e-4)
+            assert a["pred"].shape == (4, 7, 3, 64, 64) and a["kl"].shape == (7, 4)
+        copy = fast.inference_copy(m)
+        for posterior in (False, True):
+            p = m.predict(x, c, 3, 5, noise, posterior=posterior)
+            assert p.shape == (4, 5, 3, 64, 64)
+            torch.testing.assert_close(fast.predict(m, x, c, 3, 5, noise, posterior=posterior), p, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(fast.predict(copy, x, c, 3, 5, noise, posterior=posterior), p, atol=1e-5, rtol=1e-4)
 
 
-def test_batched_rollout_trains_as_per_step():
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_batched_rollout_trains_as_per_step(kw):
     """In training, too: the same losses, gradients and BatchNorm running statistics."""
     results = []
     for batched in (True, False):
-        m, x, c, noise = _model()
+        m, x, c, noise = _model(**kw)
         m.train()
         out = m(x, c, 2, teacher_forcing=True, noise=noise, batched=batched)
         (out["mse"] + out["kld"]).backward()
         results.append((out, {n: p.grad for n, p in m.named_parameters()}, m.state_dict()))
     (a, grad_a, state_a), (b, grad_b, state_b) = results
     torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(a["kld_per_step"], b["kld_per_step"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a["kl"], b["kl"], atol=1e-5, rtol=1e-4)
     for name in grad_a:
         torch.testing.assert_close(grad_a[name], grad_b[name], atol=1e-5, rtol=1e-3, msg=name)
     for name in state_a:  # running means, variances and counts of every BatchNorm
         torch.testing.assert_close(state_a[name], state_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_rollout_uses_predictions_without_teacher_forcing():
+@pytest.mark.parametrize("kw", VARIANTS[:3])
+def test_fed_back_training_rollout_matches_the_plain_one(kw):
+    """Without teacher forcing: the same losses in training, and the same gradients. Gradients are compared
+    with BatchNorm in eval mode: in training, the batch statistics of this untrained model's near-constant
+    fed-back frames make its gradients chaotic (an input change of 1e-6 moves them by several times their
+    size, in either rollout), so only the losses can be compared there."""
+    for train in (True, False):
+        results = []
+        for batched in (True, False):
+            m, x, c, noise = _model(**kw)
+            m.train(train)
+            out = m(x, c, 3, teacher_forcing=False, noise=noise, batched=batched)
+            (out["mse"] + out["kld"]).backward()
+            results.append((out, {n: p.grad for n, p in m.named_parameters()}))
+        (a, grad_a), (b, grad_b) = results
+        torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a["kl"], b["kl"], atol=1e-5, rtol=1e-4)
+        for name in grad_a if not train else ():
+            torch.testing.assert_close(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-3, msg=name)
+
+
+def test_learned_prior_is_stepped_through_the_given_frames():
+    """SVG-LP's prior sees h_{t-1} from the first step on: its KL term is KL(q || p) with p's statistics from
+    a per-step loop over the true frames, and prediction samples z_t = mu_p + eps sigma_p after n_past."""
+    m, x, c, noise = _model(prior="learned")
+    with torch.no_grad():
+        out = m(x, c, 2, noise=noise)
+        state_p, state_q, ref = None, None, []
+        for t in range(1, 8):
+            mu_p, logvar_p, state_p = m.prior.params(m.encoder(x[:, t - 1])[0], state_p)
+            _, mu_q, logvar_q, state_q = m.posterior(m.encoder(x[:, t])[0], state_q, noise[:, t - 1])
+            ref.append(kl_divergence(mu_q, logvar_q, mu_p, logvar_p).mean(0))
+        torch.testing.assert_close(out["kl"], torch.stack(ref), atol=1e-5, rtol=1e-4)
+        # With a learned prior, predictions depend on the prior's mean: zero noise is not zero z.
+        fixed = _model(prior="fixed")[0]
+        fixed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("prior.")})
+        zero = torch.zeros_like(noise)
+        assert not torch.equal(m.predict(x, c, 2, 5, zero), fixed.predict(x, c, 2, 5, zero))
+
+
+def test_inference_copy_folds_batch_norm():
+    m, x, c, noise = _model()
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    folded = fast.inference_copy(m)
+    assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in folded.modules())
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    assert m.training and all(p.requires_grad for p in m.parameters())  # the model itself is untouched
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded.predict(x, c, 2, 6, noise), m.predict(x, c, 2, 6, noise), atol=1e-5, rtol=1e-4)
+
+
+def test_predictions_are_fed_back_without_teacher_forcing():
     m, x, c, noise = _model()
     m.train()  # batch statistics keep the small freshly initialised network sensitive to its input
     x2 = x.clone()
     x2[:, 3:] = torch.rand_like(x2[:, 3:])  # change frames the model must not see after n_past=3
     with torch.no_grad():
-        a = m(x, c, 3, teacher_forcing=False, prior=True, noise=noise)["pred"]
-        b = m(x2, c, 3, teacher_forcing=False, prior=True, noise=noise)["pred"]
-        assert torch.equal(a, b)
-        t = m(x2, c, 3, teacher_forcing=True, prior=True, noise=noise)["pred"]
-        assert not torch.equal(a[:, 3:], t[:, 3:])
+        a = m.predict(x, c, 3, 5, noise)
+        assert torch.equal(a, m.predict(x2, c, 3, 5, noise))
+        assert torch.equal(a, m.predict(x[:, :3], c, 3, 5, noise))  # only the given frames are needed
+        # Training without teacher forcing feeds predictions back too: frames after n_past only reach the
+        # prediction through the posterior's z (not at all with the posterior's input removed).
+        tf = m(x2, c, 3, teacher_forcing=True, noise=noise)["pred"]
+        no_tf = m(x2, c, 3, teacher_forcing=False, noise=noise)["pred"]
+        assert torch.equal(tf[:, :3], no_tf[:, :3]) and not torch.equal(tf[:, 3:], no_tf[:, 3:])
 
 
 def test_condition_t_minus_1_drives_step_t():
@@ -175,23 +226,23 @@ def test_condition_t_minus_1_drives_step_t():
     c_last[:, -1] += 5
     c_prev[:, 3] += 5
     with torch.no_grad():
-        base = m(x, c, 2, prior=True, noise=noise)["pred"]
-        assert torch.equal(base, m(x, c_last, 2, prior=True, noise=noise)["pred"])
-        changed = m(x, c_prev, 2, prior=True, noise=noise)["pred"]
-        assert torch.equal(base[:, :3], changed[:, :3]) and not torch.equal(base[:, 3], changed[:, 3])
+        base = m.predict(x, c, 2, 6, noise)  # frames 2..7
+        assert torch.equal(base, m.predict(x, c_last, 2, 6, noise))
+        changed = m.predict(x, c_prev, 2, 6, noise)  # cond_3 drives step 4 = frame 4 (index 2)
+        assert torch.equal(base[:, :2], changed[:, :2]) and not torch.equal(base[:, 2], changed[:, 2])
 
 
 def test_bench_reference_is_the_same_model():
-    """bench.py's SVG-style reference rollout computes CVAE.forward's losses and gradients."""
+    """bench.py's reference, which encodes the input and the target frame in separate calls as the course
+    sample does, computes CVAE.forward's losses and gradients."""
     import bench
     torch.manual_seed(0)
     m = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
     svg = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
-    svg.decoder = bench.SVGDecoder(16, 4)
     svg.load_state_dict(m.state_dict())
     x, c = torch.rand(4, 6, 3, 64, 64), torch.randn(4, 6, 7)
     outs = []
-    for forward in (lambda: m(x, c, 2, batched=False), lambda: bench.svg_forward(svg, x, c, 2)):
+    for forward in (lambda: m(x, c, 2, batched=True), lambda: bench.svg_forward(svg, x, c, 2)):
         torch.manual_seed(5)  # the same posterior noise, drawn first by both
         out = forward()
         (out["mse"] + out["kld"]).backward()
@@ -200,3 +251,24 @@ def test_bench_reference_is_the_same_model():
     torch.testing.assert_close(outs[0]["kld"], outs[1]["kld"])
     for (name, p), q in zip(m.named_parameters(), svg.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_checkpoint_of_the_previous_code_loads_and_predicts_the_same():
+    """tests/fixtures/previous_model.pth was written by the code before the plain/fast split (no prior or
+    cond flags in its architecture): it loads with weights_only, rebuilds, and predicts and scores as then."""
+    import os
+    import checkpoints
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "previous_model.pth")
+    ckpt = checkpoints.load_checkpoint(path)
+    m = CVAE.from_config(ckpt["arch"])
+    checkpoints.load_model_state(m, ckpt, path)
+    ref = ckpt["reference"]
+    x = ref["frames"].float() / 255
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m.predict(x, ref["conds"], 2, 2, ref["noise"]), ref["pred"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast.predict(fast.inference_copy(m), x, ref["conds"], 2, 2, ref["noise"]), ref["pred"],
+                                   atol=1e-5, rtol=1e-4)
+        out = m(x, ref["conds"], 2, noise=ref["noise"])
+        torch.testing.assert_close(out["mse"], ref["mse"])
+        torch.testing.assert_close(out["kld"], ref["kld"])

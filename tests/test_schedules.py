@@ -34,4 +34,14 @@ def test_schedules_depend_on_counters_only():
     steps = [57, 3, 199, 57, 120]
     assert [kl_weight(s, 20, 10, cyclical=True) for s in steps] == \
            [kl_weight(s, 20, 10, cyclical=True) for s in reversed(steps)][::-1]
-    assert teacher_forcing_ratio(12, 1.0, 0, 0.1, 0.0) == teacher_forcing_ratio(12, 1.0, 0, 0.1, 0.0)
+    # A run resumed at epoch 6 restarts the sample's per-epoch rule from the ratio recomputed out of the
+    # counter, and reaches the same ratio at every later epoch as the uninterrupted run.
+    uninterrupted, tfr = [], 1.0
+    for epoch in range(12):
+        uninterrupted.append(tfr)
+        tfr = max(tfr - 0.07, 0.1) if epoch >= 2 else tfr
+    resumed, tfr = [], teacher_forcing_ratio(6, 1.0, 2, 0.07, 0.1)
+    for epoch in range(6, 12):
+        resumed.append(tfr)
+        tfr = max(tfr - 0.07, 0.1)
+    assert resumed == pytest.approx(uninterrupted[6:]) and resumed[0] < 1.0

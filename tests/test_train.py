@@ -11,7 +11,8 @@ import torch
 
 import test as test_script
 import train_fixed_prior as train
-import utils
+import checkpoints
+import run_log
 from conftest import REPO, TINY
 
 
@@ -27,6 +28,7 @@ def run_dir(sim_root, tmp_path_factory):
                   "--tfr_decay_step", "0.5", "--kl_anneal_cyclical")
 
 
+@pytest.mark.slow
 def test_training_writes_every_artefact(run_dir):
     assert os.path.basename(run_dir).startswith("rnn_size=16-predictor-posterior-rnn_layers=2-1-n_past=2-n_future=10-"
                                                 "lr=0.0020-g_dim=8-z_dim=4-last_frame_skip=False-beta=1.0000000")
@@ -34,17 +36,24 @@ def test_training_writes_every_artefact(run_dir):
     assert len(re.findall(r"^\[epoch: \d\d\] loss: \d+\.\d{5} \| mse loss: \d+\.\d{5} \| kld loss: \d+\.\d{5}$",
                           record, re.M)) == 2
     assert len(re.findall(r"^={22} validate psnr = \d+\.\d{5} ={24}$", record, re.M)) == 2
-    rows = utils.read_metrics(os.path.join(run_dir, "metrics.csv"))
+    rows = run_log.read_metrics(os.path.join(run_dir, "metrics.csv"))
     assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [3, 6]
     assert [r["tfr"] for r in rows] == [1.0, 0.5] and all(r["val_psnr"] > 5 for r in rows)
+    assert all(0 <= r["active_dims"] <= 4 and r["val_kld"] >= 0 and len(r["val_kld_per_step"]) == 11 for r in rows)
     for f in ("curves.png", "model.pth", "last.pth", "gen/epoch_001.gif", "gen/epoch_001.png"):
         assert os.path.getsize(os.path.join(run_dir, f)) > 0, f
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
     ckpt = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
     assert ckpt["step"] == 6 and ckpt["epoch"] == 2 and ckpt["arch"]["g_dim"] == 8
     assert {"model", "optimizer", "args", "rng", "best_psnr", "tfr"} <= set(ckpt)
+    assert ckpt["arch"]["prior"] == "fixed" and ckpt["arch"]["cond_dim"] == 7
+    # Written files get the permissions a plain open() gives, so another user can read the run.
+    mode = 0o666 & ~_umask()
+    for f in ("model.pth", "last.pth", "curves.png", "metrics.csv"):
+        assert os.stat(os.path.join(run_dir, f)).st_mode & 0o777 == mode, f
 
 
+@pytest.mark.slow
 def test_test_script_batch_size_and_compiled_metrics_invariance(run_dir, capsys, tmp_path):
     m1 = test_script.main(["--model_dir", run_dir, "--batch_size", "1", "--out", str(tmp_path / "a")])
     assert re.search(r"^test psnr: \d+\.\d{4}$", capsys.readouterr().out, re.M)
@@ -63,13 +72,21 @@ def test_test_script_batch_size_and_compiled_metrics_invariance(run_dir, capsys,
         assert m["n_sequences"] == 5 and m["cond_mode"] == mode
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _params(path):
     return torch.load(path, weights_only=True)
 
 
-def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.parametrize("model_flags", [[], ["--prior", "learned", "--beta", "1e-3", "--free_bits", "0.05"]])
+def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
-             "--tfr", "0.5", "--kl_anneal_cyclical"]
+             "--tfr", "0.5", "--kl_anneal_cyclical", *model_flags]
     full = _train(sim_root, tmp_path / "a", *flags)
     real_kl = train.kl_weight_from_args
 
@@ -92,6 +109,7 @@ def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch):
     assert a["best_psnr"] == b["best_psnr"]
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_overwritten(run_dir, sim_root, capsys):
     before = open(os.path.join(run_dir, "last.pth"), "rb").read()
     with pytest.raises(SystemExit):
@@ -101,6 +119,7 @@ def test_an_existing_run_is_never_overwritten(run_dir, sim_root, capsys):
     assert open(os.path.join(run_dir, "last.pth"), "rb").read() == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_contradicting_architecture(run_dir, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--model_dir", run_dir, "--g_dim", "32", "--z_dim", "4"])
@@ -122,6 +141,7 @@ def test_bad_flags_are_named(sim_root, tmp_path, capsys, flags, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_fail_clearly(run_dir, tmp_path):
     good = open(os.path.join(run_dir, "model.pth"), "rb").read()
     cases = {
@@ -136,9 +156,9 @@ def test_bad_checkpoints_fail_clearly(run_dir, tmp_path):
                 "module.pth": "not a readable checkpoint", "foreign": "not a checkpoint of this project"}
     for name, msg in expected.items():
         path = tmp_path / (name if name.endswith(".pth") else f"{name}.pth")
-        with pytest.raises(utils.CheckpointError, match=msg):
-            utils.load_checkpoint(str(path))
-    ckpt = utils.load_checkpoint(os.path.join(run_dir, "model.pth"))
+        with pytest.raises(checkpoints.CheckpointError, match=msg):
+            checkpoints.load_checkpoint(str(path))
+    ckpt = checkpoints.load_checkpoint(os.path.join(run_dir, "model.pth"))
     ckpt["model"]["encoder.c1.0.0.weight"] = torch.zeros(5, 3, 3, 3)
     ckpt["version"] = 1
     torch.save(ckpt, tmp_path / "model.pth")
@@ -150,18 +170,20 @@ def test_bad_checkpoints_fail_clearly(run_dir, tmp_path):
         test_script.main(["--model_dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(run_dir, tmp_path):
     target = tmp_path / "last.pth"
     target.write_bytes(open(os.path.join(run_dir, "last.pth"), "rb").read())
     before = target.read_bytes()
-    code = ("import os, sys, utils\n"
+    code = ("import os, sys, checkpoints\n"
             "def writer(f):\n    f.write(b'x' * 100000); f.flush(); os._exit(9)\n"
-            f"utils.atomic_write({str(target)!r}, writer)\n")
+            f"checkpoints.atomic_write({str(target)!r}, writer)\n")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 9
     assert target.read_bytes() == before
-    assert utils.load_checkpoint(str(target))["step"] == 6
+    assert checkpoints.load_checkpoint(str(target))["step"] == 6
 
 
+@pytest.mark.slow
 def test_full_disk_stops_cleanly(sim_root, tmp_path, monkeypatch, capsys):
     run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "2", "--plot_every", "9")
     before = open(os.path.join(run, "last.pth"), "rb").read()
@@ -178,6 +200,7 @@ def test_full_disk_stops_cleanly(sim_root, tmp_path, monkeypatch, capsys):
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop(sim_root, tmp_path, monkeypatch):
     real_forward = train.CVAE.forward
     calls = {"n": 0}
@@ -194,13 +217,61 @@ def test_non_finite_steps_are_skipped_then_stop(sim_root, tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="3 consecutive non-finite steps"):
         _train(sim_root, tmp_path, "--niter", "2", "--epoch_size", "5", "--max_bad_steps", "3")
     run = os.path.join(tmp_path, [d for d in os.listdir(tmp_path) if d.startswith("rnn")][0])
-    ckpt = utils.load_checkpoint(os.path.join(run, "last.pth"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(run, "last.pth"))
     assert ckpt["skipped_steps"] == 3 and ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_mixed_precision_and_channels_last_run(sim_root, tmp_path):
     run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "2", "--amp", "bf16", "--channels_last",
                  "--plot_every", "9")
     m = test_script.main(["--model_dir", run, "--amp", "bf16", "--out", str(tmp_path / "t")])
     assert 5 < m["psnr"] < 100
+
+
+@pytest.mark.slow
+def test_action_free_learned_prior_end_to_end(sim_copy, tmp_path, capsys):
+    """--cond none: trains and tests on frames alone (the CSV files are not needed), the learned prior is
+    rebuilt by test.py from the checkpoint, and the condition ablations are refused with a reason."""
+    import glob
+    for f in glob.glob(os.path.join(sim_copy, "*", "*", "*", "*.csv")):
+        os.remove(f)
+    run = _train(sim_copy, tmp_path, "--niter", "1", "--epoch_size", "2", "--cond", "none", "--prior", "learned",
+                 "--beta", "1e-4", "--free_bits", "0.1")
+    assert run.endswith("-prior=learned-cond=none")
+    ckpt = checkpoints.load_checkpoint(os.path.join(run, "model.pth"))
+    assert ckpt["arch"]["cond_dim"] == 0 and ckpt["arch"]["prior"] == "learned"
+    assert any(k.startswith("prior.") for k in ckpt["model"]) and not any(k.startswith("cond_embed") for k in ckpt["model"])
+    m = test_script.main(["--model_dir", run, "--n_samples", "3", "--lpips", "--out", str(tmp_path / "t")])
+    s = m["samples"]
+    assert s["n_samples"] == 3 and s["psnr"]["best"] >= s["psnr"]["mean"] >= s["psnr"]["worst"]
+    assert s["lpips"]["best"] <= s["lpips"]["mean"] <= s["lpips"]["worst"] and s["diversity_lpips"] >= 0
+    for f in ("samples.gif", "samples.png", "samples_curves.png", "metrics.json"):
+        assert (tmp_path / "t" / f).stat().st_size > 0, f
+    with pytest.raises(SystemExit):
+        test_script.main(["--model_dir", run, "--cond_mode", "shuffled"])
+    assert "trained without conditions" in capsys.readouterr().err
+
+
+def test_amp_auto_resolution(monkeypatch):
+    """--amp auto: bf16 exactly where the CPU has native bf16 units (the probe mocked both ways)."""
+    import runtime
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
+    assert runtime.resolve_amp("auto", cpu) == "off"
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", flag})
+        assert runtime.resolve_amp("auto", cpu) == "bf16"
+    assert runtime.resolve_amp("off", cpu) == "off" and runtime.resolve_amp("bf16", cpu) == "bf16"
+
+
+@pytest.mark.slow
+def test_amp_auto_is_saved_resolved_and_kept_on_resume(sim_root, tmp_path, monkeypatch):
+    import runtime
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # a host with native bf16
+    run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "1", "--plot_every", "9", "--amp", "auto")
+    assert checkpoints.load_checkpoint(os.path.join(run, "last.pth"))["args"]["amp"] == "bf16"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})  # resumed on a host without: the run's choice stays
+    train.main(["--model_dir", run, "--niter", "2"])
+    assert checkpoints.load_checkpoint(os.path.join(run, "last.pth"))["args"]["amp"] == "bf16"

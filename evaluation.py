@@ -1,0 +1,194 @@
+"""The graded evaluation protocol, and the field's evaluation over many samples beside it.
+
+`evaluate` is the one evaluation used by validation in train_fixed_prior.py and by test.py, so their
+numbers mean the same thing. Graded (README, "Evaluation"): every sequence once, in order; frames
+0..n_past-1 given, the next n_future predicted without teacher forcing, z from the prior (one sample,
+noise fixed by (seed, sequence)); PSNR and SSIM per channel, averaged over channels, then over every
+(sequence, predicted frame). With n_samples > 1, also N prior samples per sequence, noise fixed by
+(seed, sequence, sample), summarised as SVG, SAVP and SRVP report them: best of N chosen per metric by
+its mean over the predicted frames, mean and worst of N, 95% confidence intervals over sequences
+(1.96 std / sqrt(n)), and diversity (per-pixel std across samples; mean pairwise LPIPS, SAVP Sec. 5).
+
+    python -c "import evaluation; help(evaluation.evaluate)"
+"""
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from metrics import batch_metrics, batch_psnr
+from models import fast
+from runtime import autocast
+
+
+def sequence_noise(indices, steps, z_dim, seed, device, sample=0):
+    """Standard normal z noise (B, steps, z_dim), a function of (seed, sequence index, sample) alone, so
+    scores do not depend on batch size, worker count or order. Sample 0 is the graded one."""
+    out = torch.empty(len(indices), steps, z_dim)
+    for row, idx in enumerate(indices):
+        if sample == 0:
+            s = int(seed) * 1_000_003 + int(idx)
+        else:  # independent streams for every (seed, sequence, sample) triple
+            s = int(np.random.SeedSequence([int(seed), int(idx), int(sample)]).generate_state(1, np.uint64)[0] >> 1)
+        out[row] = torch.randn(steps, z_dim, generator=torch.Generator().manual_seed(s))
+    return out.to(device)
+
+
+class CondPermuted(torch.utils.data.Dataset):
+    """Ablation view of a dataset: sequence i gets the conditions of sequence perm[i]."""
+
+    def __init__(self, dataset, perm):
+        self.dataset, self.perm = dataset, perm
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], self.dataset[int(self.perm[i])][1]
+
+
+def cond_ablation(dataset, mode, seed):
+    """'real' (unchanged), 'shuffled' (a fixed derangement across sequences) or 'zero' (handled in evaluate)."""
+    if mode != "shuffled":
+        return dataset
+    n = len(dataset)
+    if n < 2:
+        raise ValueError("--cond_mode shuffled needs at least 2 sequences")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    perm = np.roll(perm, 1)[np.argsort(perm)]  # i -> the element after i in a random cycle: no fixed points
+    return CondPermuted(dataset, perm)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_workers=0, seed=1, amp="off",
+             cond_mode="real", keep=(), compile_metrics=False, n_samples=1, lpips=None):
+    """Score `model` on every sequence of `dataset`, each exactly once, in order (see the module docstring).
+
+    keep: sequence indices whose clips are returned for pictures: (gt, given + predicted frames) and, with
+        n_samples > 1, every sample's frames and the posterior reconstruction.
+    compile_metrics: score with the torch.compile'd metrics (metrics.batch_metrics).
+    n_samples: prior samples per sequence; sample 0 is the graded one, so the headline numbers do not
+        change with it. lpips: a metrics-LPIPS module (lpips_torch.LPIPS) to add LPIPS to the sampled
+        summary and the pairwise-LPIPS diversity.
+    BatchNorm runs in eval mode, folded into the layers before it (models.fast.inference_copy: `model`
+    itself is not touched).
+    """
+    model = fast.inference_copy(model)
+    loader = torch.utils.data.DataLoader(cond_ablation(dataset, cond_mode, seed), batch_size=batch_size,
+                                         shuffle=False, drop_last=False, num_workers=num_workers)
+    T, steps = n_past + n_future, n_past + n_future - 1
+    scores = {"psnr": [], "ssim": [], "lpips": []}  # each a list of (B, N, n_future)
+    copy_psnr, pixel_std, pairwise, kept, offset = [], [], [], {}, 0
+    for frames, conds in loader:
+        B = frames.shape[0]
+        frames = frames[:, :T].to(device)  # (B, T, C, H, W)
+        conds = conds[:, :T].to(device) if model.cond_dim else None  # (B, T, cond_dim)
+        if cond_mode == "zero" and conds is not None:
+            conds = model.cond_mean.expand_as(conds)  # the embedding sees zeros after standardisation
+        gt, given = frames[:, n_past:], frames[:, :n_past]
+        preds, batch_scores = [], {k: [] for k in scores}
+        for k in range(n_samples):
+            noise = sequence_noise(range(offset, offset + B), steps, model.z_dim, seed, device, sample=k)
+            with autocast(device, amp):
+                pred = fast.predict(model, given, conds, n_past, n_future, noise)
+            pred = pred.float().clamp(0, 1)  # (B, n_future, C, H, W): frames n_past..T-1
+            p, s = batch_metrics(gt, pred, compiled=compile_metrics)  # each (B, n_future)
+            batch_scores["psnr"].append(p.cpu())
+            batch_scores["ssim"].append(s.cpu())
+            if lpips is not None:
+                batch_scores["lpips"].append(lpips(gt.flatten(0, 1), pred.flatten(0, 1)).view(B, n_future).double().cpu())
+            if n_samples > 1:
+                preds.append(pred)
+        for key, v in batch_scores.items():
+            if v:
+                scores[key].append(torch.stack(v, 1))  # (B, N, n_future)
+        copy_psnr.append(batch_psnr(gt, frames[:, n_past - 1: n_past].expand_as(gt)).cpu())
+        if n_samples > 1:
+            samples = torch.stack(preds, 1)  # (B, N, n_future, C, H, W)
+            pixel_std.append(samples.std(1).mean(dim=(1, 2, 3, 4)).double().cpu())  # (B,)
+            if lpips is not None:
+                pairwise.append(_pairwise_lpips(lpips, samples).cpu())
+        for i in keep:
+            if offset <= i < offset + B:
+                j = i - offset
+                first = preds[0][j] if preds else pred[j]
+                clip = {"gt": frames[j].cpu(), "pred": torch.cat([given[j], first]).cpu()}
+                if n_samples > 1:
+                    clip["samples"] = samples[j].cpu()  # (N, n_future, C, H, W)
+                    recon = fast.predict(model, frames[j: j + 1], None if conds is None else conds[j: j + 1], n_past,
+                                         n_future, sequence_noise([i], steps, model.z_dim, seed, device), posterior=True)
+                    clip["posterior"] = recon[0].float().clamp(0, 1).cpu()
+                kept[i] = clip
+        offset += B
+    psnr, ssim = torch.cat(scores["psnr"]), torch.cat(scores["ssim"])  # (n, N, n_future)
+    assert psnr.shape[0] == len(dataset), "every sequence must be scored exactly once"
+    graded_psnr, graded_ssim, copy_psnr = psnr[:, 0], ssim[:, 0], torch.cat(copy_psnr)  # (n, n_future)
+    out = {
+        "psnr": graded_psnr.mean().item(), "ssim": graded_ssim.mean().item(),
+        "psnr_per_step": graded_psnr.mean(0).tolist(), "ssim_per_step": graded_ssim.mean(0).tolist(),
+        "psnr_std": graded_psnr.mean(1).std(unbiased=False).item(), "n_sequences": psnr.shape[0],
+        "copy_last_psnr": copy_psnr.mean().item(), "copy_last_psnr_per_step": copy_psnr.mean(0).tolist(),
+        "per_sequence_psnr": graded_psnr.mean(1).tolist(), "clips": kept,
+    }
+    if lpips is not None:
+        out["lpips"] = torch.cat(scores["lpips"])[:, 0].mean().item()
+    if n_samples > 1:
+        summary = {"n_samples": n_samples,
+                   "psnr": summarize_samples(psnr, higher_is_better=True),
+                   "ssim": summarize_samples(ssim, higher_is_better=True),
+                   "diversity_pixel_std": torch.cat(pixel_std).mean().item()}
+        if lpips is not None:
+            summary["lpips"] = summarize_samples(torch.cat(scores["lpips"]), higher_is_better=False)
+            summary["diversity_lpips"] = torch.cat(pairwise).mean().item()
+        out["samples"] = summary
+    return out
+
+
+def summarize_samples(values, higher_is_better=True):
+    """values (n_sequences, N, n_future) of one metric -> best, mean and worst of N with per-step curves and
+    95% confidence intervals over sequences. Best and worst pick, per sequence, the sample whose mean over
+    the predicted frames is best or worst for this metric (SVG, SRVP); mean averages the N samples."""
+    per_sample = values.mean(2)  # (n, N): each sample's mean over the predicted frames
+    pick_best = per_sample.argmax(1) if higher_is_better else per_sample.argmin(1)
+    pick_worst = per_sample.argmin(1) if higher_is_better else per_sample.argmax(1)
+    rows = torch.arange(values.shape[0])
+    out = {}
+    for name, curves in (("best", values[rows, pick_best]), ("mean", values.mean(1)), ("worst", values[rows, pick_worst])):
+        seq = curves.mean(1)  # (n,)
+        out[name] = seq.mean().item()
+        out[f"{name}_ci95"] = 1.96 * seq.std(unbiased=False).item() / math.sqrt(len(seq))
+        out[f"{name}_per_step"] = curves.mean(0).tolist()
+    return out
+
+
+def _pairwise_lpips(lpips, samples):
+    """Mean LPIPS over all pairs of samples and the predicted frames, per sequence: samples (B, N, T, C, H, W) -> (B,)."""
+    B, N, T = samples.shape[:3]
+    feats = lpips.feature_maps(samples.flatten(0, 2))  # each layer (B*N*T, c, h, w), unit-normalised
+    feats = [f.view(B, N, T, *f.shape[1:]) for f in feats]
+    dists = [lpips.distance_from_features([f[:, i] for f in feats], [f[:, j] for f in feats])  # (B, T)
+             for i, j in itertools.combinations(range(N), 2)]
+    return torch.stack(dists).mean(dim=(0, 2)).double()
+
+
+ACTIVE_NATS = 0.01  # a latent dimension is active when its average KL exceeds this
+
+
+@torch.no_grad()
+def latent_stats(model, dataset, n_past, n_future, device, batch_size=32):
+    """How much the latent carries, on the first `batch_size` sequences of `dataset`: the KL(q || p) per
+    time step (summed over z, averaged over the batch; eval mode, teacher forcing, posterior z from the
+    graded noise) and the number of active dimensions, those whose KL averaged over the batch and the
+    steps exceeds 0.01 nats. This is the activity threshold of Burda et al. (2016, Sec. 5.2), applied to
+    each dimension's KL rather than to the variance of its posterior mean."""
+    frames, conds = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)))
+    T = n_past + n_future
+    frames, conds = frames[:, :T].to(device), conds[:, :T].to(device) if model.cond_dim else None
+    was_training = model.training
+    model.eval()
+    noise = sequence_noise(range(frames.shape[0]), T - 1, model.z_dim, 0, device)
+    kl = model(frames, conds, n_past, noise=noise, batched=True)["kl"]  # (T-1, z_dim)
+    model.train(was_training)
+    return {"kld": kl.sum(1).mean().item(), "kld_per_step": kl.sum(1).tolist(),
+            "active_dims": int((kl.mean(0) > ACTIVE_NATS).sum())}

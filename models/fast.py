@@ -1,0 +1,420 @@
+"""Exact-equivalent speed paths for models/cvae.py. A reader may skip this file: the model is in
+vgg_64.py, lstm.py and cvae.py, and every function here is tested against that plain form
+(tests/test_models.py). Nothing here owns a parameter, so checkpoints do not depend on it.
+
+What each trick replaces, and what it bought (docs/performance.md has the measurements):
+  forward_batched    CVAE.forward under teacher forcing: every input frame is known in advance, so the
+                     encoder runs once on the whole (B, T) clip and the decoder once on all steps; only
+                     the LSTM cells step through time. ~1.8x a training step at full width.
+  forward_fed_back   CVAE.forward without teacher forcing: the true frames encoded in one call, the
+                     fed-back predictions one at a time, with the decoder tricks below.
+  run_per_step       BatchNorm in those batched calls with statistics per time step, as the per-step
+                     calls compute them (folding T steps into one batch would be another model).
+  skip_terms         the skips' half of each decoder block's first convolution, computed once per
+                     distinct skip frame instead of once per step (~1/6 of a step's FLOPs).
+  upsampled_conv     nearest 2x upsampling + 3x3 convolution as one stride-2 transposed convolution with
+                     a 4x4 kernel: 16 instead of 36 multiply-adds per input pixel and channel pair.
+  conv3x3            3x3 convolutions in CPU inference by Winograd F(6x6,3x3) (NNPACK) or F(4x4,3x3)
+                     (ours) where measured faster: 1.2-2.2x per layer at full width.
+  inference_copy     a frozen eval copy with every BatchNorm folded into the layer before it.
+  max_pool2x2        index-free max pooling in inference (~3x faster than the kernel that keeps argmax).
+  predict            CVAE.predict with the given frames encoded in one call, skip terms once, and the
+                     above; used by the evaluation, the GIFs and the planner.
+
+    python -c "import models.fast as f; help(f.forward_batched)"
+"""
+import copy
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from .lstm import kl_divergence, reparameterize
+
+# Inference convolutions through Winograd algorithms where that is faster (see conv3x3).
+# Set to False for the direct algorithm everywhere.
+WINOGRAD = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts
+def forward_batched(model, frames, conds, n_past, noise=None):
+    """CVAE.forward(frames, conds, n_past, teacher_forcing=True, noise): the same losses, gradients and
+    BatchNorm running statistics, with the encoder and decoder called once per clip."""
+    B, T = frames.shape[:2]
+    steps = T - 1
+    noise = torch.randn(B, steps, model.z_dim, device=frames.device) if noise is None else noise
+    h, skips = encode(model.encoder, frames)  # (B, T, g), skips (B, T, c, r, r)
+    mu_q, logvar_q = gaussian_lstm_sequence(model.posterior, h[:, 1:])  # q(z_t | x_{1:t}), t = 1..T-1
+    z = reparameterize(mu_q, logvar_q, noise)
+    mu_p = logvar_p = None
+    if model.prior is not None:
+        mu_p, logvar_p = gaussian_lstm_sequence(model.prior, h[:, :-1])  # p(z_t | x_{1:t-1})
+    c = model.embed_conditions(conds, B, T)
+    g = lstm_sequence(model.frame_predictor, torch.cat([h[:, :-1], z, c], -1))  # (B, T-1, g)
+    # Step t's skips come from frame min(t-1, n_past-1): skip terms once per distinct skip frame, the
+    # later steps reuse the last one (an expand, whose gradient is a sum, not a gather).
+    n_skip = steps if model.last_frame_skip else min(n_past, steps)
+    terms = skip_terms(model.decoder, [s[:, :n_skip] for s in skips])  # each (B, n_skip, c, r, r)
+    terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]
+    pred = decode(model.decoder, g, terms)  # (B, T-1, C, H, W)
+    return model.losses(frames, pred, kl_divergence(mu_q, logvar_q, mu_p, logvar_p))
+
+
+def forward_fed_back(model, frames, conds, n_past, noise=None):
+    """CVAE.forward(frames, conds, n_past, teacher_forcing=False, noise): the same losses and gradients, with
+    the true frames (the given inputs and the posterior's targets) encoded in one call and only the fed-back
+    predictions one at a time, skip terms once per skip frame, and the fast decoder. BatchNorm's running
+    averages receive the same per-step updates, in another order (the true frames' first)."""
+    B, T = frames.shape[:2]
+    noise = torch.randn(B, T - 1, model.z_dim, device=frames.device) if noise is None else noise
+    h_gt, skips_gt = encode(model.encoder, frames)  # (B, T, g)
+    mu_q, logvar_q = gaussian_lstm_sequence(model.posterior, h_gt[:, 1:])  # q(z_t | x_{1:t})
+    z = reparameterize(mu_q, logvar_q, noise)
+    c = model.embed_conditions(conds, B, T)
+    h, skip_frame, terms = h_gt[:, 0], [s[:, 0] for s in skips_gt], None
+    state_p = state_f = None
+    preds, mus_p, logvars_p = [], [], []
+    for t in range(1, T):
+        mu_p, logvar_p, state_p = model.prior_step(h, state_p)
+        mus_p.append(mu_p)
+        logvars_p.append(logvar_p)
+        g, state_f = model.frame_predictor(torch.cat([h, z[:, t - 1], c[:, t - 1]], 1), state_f)
+        if terms is None or model.last_frame_skip or t - 1 < n_past:
+            terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
+        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms])[:, 0]  # (B, C, H, W)
+        preds.append(x_hat)
+        if t < n_past:
+            h, skip_frame = h_gt[:, t], [s[:, t] for s in skips_gt]
+        elif t < T - 1:
+            h, skip_frame = encode(model.encoder, x_hat[:, None])
+            h, skip_frame = h[:, 0], [s[:, 0] for s in skip_frame]
+    mu_p = logvar_p = None
+    if model.prior is not None:
+        mu_p, logvar_p = torch.stack(mus_p, 1), torch.stack(logvars_p, 1)  # (B, T-1, z)
+    return model.losses(frames, torch.stack(preds, 1), kl_divergence(mu_q, logvar_q, mu_p, logvar_p))
+
+
+def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False):
+    """CVAE.predict with the same arguments and result, faster: the given frames (all frames with
+    posterior=True) are encoded in one call and the skip terms computed once per skip frame. Run it on
+    inference_copy(model) under torch.no_grad() for the Winograd convolutions and folded BatchNorm."""
+    B, T = frames.shape[0], n_past + n_future
+    noise = torch.randn(B, T - 1, model.z_dim, device=frames.device) if noise is None else noise
+    h_gt, skips_gt = encode(model.encoder, frames[:, : T if posterior else n_past])  # (B, n, g)
+    c = model.embed_conditions(conds, B, T)
+    h, skip_frame, terms = h_gt[:, 0], [s[:, 0] for s in skips_gt], None
+    state_q = state_p = state_f = None
+    preds = []
+    for t in range(1, T):
+        mu_p, logvar_p, state_p = model.prior_step(h, state_p)
+        if t < n_past or posterior:
+            z, _, _, state_q = model.posterior(h_gt[:, t], state_q, noise[:, t - 1])
+        else:
+            z = model.sample_prior(mu_p, logvar_p, noise[:, t - 1])
+        g, state_f = model.frame_predictor(torch.cat([h, z, c[:, t - 1]], 1), state_f)
+        if t < n_past:
+            h, skip_frame = h_gt[:, t], [s[:, t] for s in skips_gt]
+            continue
+        if terms is None or model.last_frame_skip:
+            terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
+        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms])[:, 0]  # (B, C, H, W)
+        preds.append(x_hat)
+        if t < T - 1:  # the last prediction is not fed back
+            h, skip_frame = encode(model.encoder, x_hat[:, None])
+            h, skip_frame = h[:, 0], [s[:, 0] for s in skip_frame]
+    return torch.stack(preds, 1)
+
+
+def lstm_sequence(net, x, state=None):
+    """models.lstm.lstm over a sequence x (B, T, D) -> (B, T, out): the embedding and the head run once
+    on all B*T rows, the head's BatchNorm with statistics per step; the cells step through T."""
+    B, T = x.shape[:2]
+    hid = _cells(net, x, state)
+    return run_per_step(net.output, hid.reshape(B * T, -1), T).reshape(B, T, -1)  # BatchNorm1d wants (N, C)
+
+
+def gaussian_lstm_sequence(net, x, state=None):
+    """models.lstm.gaussian_lstm.params over a sequence x (B, T, D) -> mu, logvar, each (B, T, z)."""
+    hid = _cells(net, x, state)
+    return net.mu_net(hid), net.logvar_net(hid)
+
+
+def _cells(net, x, state):
+    e = net.embed(x)  # (B, T, hidden)
+    outs = []
+    for t in range(x.shape[1]):
+        o, state = net.cell_step(e[:, t], state)
+        outs.append(o)
+    return torch.stack(outs, 1)  # (B, T, hidden)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder and decoder on whole clips
+def encode(encoder, frames):
+    """vgg_encoder on every frame of a clip: frames (B, T, C, H, W) -> h (B, T, g) and the skips, each
+    (B, T, c, r, r); BatchNorm statistics per time step in training."""
+    B, T = frames.shape[:2]
+    x = frames.reshape(B * T, *frames.shape[2:])  # batch-major rows: b * T + t
+    h1 = run_per_step(encoder.c1, x, T)
+    h2 = run_per_step(encoder.c2, max_pool2x2(h1), T)
+    h3 = run_per_step(encoder.c3, max_pool2x2(h2), T)
+    h4 = run_per_step(encoder.c4, max_pool2x2(h3), T)
+    h5 = run_per_step(encoder.c5, max_pool2x2(h4), T)  # (B*T, g, 1, 1)
+    return h5.reshape(B, T, -1), [s.reshape(B, T, *s.shape[1:]) for s in (h1, h2, h3, h4)]
+
+
+def skip_terms(decoder, skips):
+    """The skips' share of each decoder block's first convolution.
+
+    That convolution sees cat([upsampled, skip]) and is linear, so W * [u; s] + b = W_u * u + b + W_s * s.
+    The skip half depends only on the skip frame, which is the same for every predicted step (SVG,
+    Sec. 3), so it is computed once per skip frame rather than once per step.
+
+    skips: the encoder's four maps with any leading shape, (..., c_i, r_i, r_i). Returns four maps
+    (..., c_out_i, r_i, r_i), finest first.
+    """
+    terms = []
+    for block, s in zip(decoder.blocks(), reversed(skips)):
+        conv = block[0][0]
+        flat = s.reshape(-1, *s.shape[-3:])  # (N, c, r, r)
+        t = conv3x3(flat, conv.weight[:, conv.in_channels - flat.shape[1]:])  # (N, c_out, r, r)
+        terms.append(t.reshape(*s.shape[:-3], *t.shape[1:]))
+    return terms[::-1]
+
+
+def decode(decoder, g, terms):
+    """vgg_decoder on every step of a clip: g (B, T, dim), terms = skip_terms() of each step's skips
+    (B, T, ...) -> frames (B, T, C, H, W); BatchNorm statistics per time step in training."""
+    B, T = g.shape[:2]
+    d = run_per_step(decoder.upc1, g.reshape(B * T, -1, 1, 1), T)  # (B*T, 8b, 4, 4)
+    for block, t in zip(decoder.blocks(), reversed(terms)):  # 8x8, 16x16, 32x32, 64x64
+        conv, bn, act = block[0]
+        x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)  # the upsampled half of the conv
+        x = x.add_(t.reshape(B * T, *t.shape[2:]))  # + the skip half: conv of cat([up(d), skip])
+        d = run_per_step(block[1:], act(run_per_step(bn, x, T)), T)
+    return d.reshape(B, T, *d.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# BatchNorm per time step, and folded for inference
+def run_per_step(module, x, steps):
+    """module(x) for x (B * steps, ...) with batch-major rows, as `steps` separate calls on consecutive time
+    steps compute it: every BatchNorm (nested nn.Sequential too) normalises each step over its own B rows
+    (batch_norm_per_step), and 3x3 convolutions go through conv3x3."""
+    if isinstance(module, nn.Sequential):
+        for m in module:
+            x = run_per_step(m, x, steps)
+        return x
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return batch_norm_per_step(module, x, steps)
+    if type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.padding == (1, 1) \
+            and module.stride == (1, 1) and module.groups == 1:
+        return conv3x3(x, module.weight, module.bias, functools.partial(_f4_weight, module))
+    return module(x)
+
+
+def batch_norm_per_step(bn, x, steps):
+    """bn(x) as `steps` separate calls on consecutive time steps would compute it.
+
+    x: (B * steps, C, ...) with batch-major rows (row b * steps + t is sequence b at step t). In training,
+    step t is normalised with the mean and variance of its own B rows, and the running averages receive
+    the steps' updates in time order (r <- (1 - m) r + m s_t for t = 0..steps-1, summed in closed form).
+    In eval mode, or for one step, this is bn(x).
+    """
+    if not bn.training or steps == 1:
+        return bn(x)
+    if bn.momentum is None or not bn.track_running_stats:
+        raise ValueError("batch_norm_per_step needs a BatchNorm with running statistics and a numeric momentum")
+    N, C = x.shape[:2]
+    if N % steps:
+        raise ValueError(f"{N} rows are not a whole number of {steps}-step sequences")
+    # The steps folded into the channels: (B, steps * C, ...), channel t * C + c is channel c at step t.
+    folded = x.reshape(N // steps, steps * C, *x.shape[2:])
+    w = None if bn.weight is None else bn.weight.repeat(steps)
+    b = None if bn.bias is None else bn.bias.repeat(steps)
+    # With momentum 1 the "running" buffers receive exactly the steps' batch mean and unbiased variance.
+    mean = torch.zeros(steps * C, device=x.device, dtype=bn.running_mean.dtype)
+    var = torch.ones_like(mean)
+    y = F.batch_norm(folded, mean, var, w, b, True, 1.0, bn.eps).reshape(x.shape)
+    with torch.no_grad():
+        mean, var = mean.view(steps, C), var.view(steps, C)  # (steps, C) each
+        m = bn.momentum
+        decay = m * (1 - m) ** torch.arange(steps - 1, -1, -1, device=mean.device, dtype=mean.dtype)  # (steps,)
+        bn.running_mean.mul_((1 - m) ** steps).add_(decay @ mean)
+        bn.running_var.mul_((1 - m) ** steps).add_(decay @ var)
+        bn.num_batches_tracked.add_(steps)
+    return y
+
+
+def inference_copy(model):
+    """A frozen eval-mode copy of `model` for inference, with every BatchNorm that follows a convolution or
+    linear layer in an nn.Sequential folded into that layer and replaced by nn.Identity.
+
+    In eval mode BatchNorm is y = gamma (x - mean) / sqrt(var + eps) + beta with fixed statistics, so
+    W' = W gamma / sqrt(var + eps) and b' = (b - mean) gamma / sqrt(var + eps) + beta give the same map
+    in one pass instead of two (Ioffe & Szegedy 2015, Sec. 3.1). The copy's parameters do not require
+    grad, so its 3x3 convolutions keep their Winograd weight transforms between calls. `model` itself is
+    not modified. Same predictions up to rounding (tested).
+    """
+    model = copy.deepcopy(model).requires_grad_(False)
+    for seq in model.modules():
+        if getattr(seq, "_compiled_call_impl", None) is not None:  # a Module.compile()d layer would compile
+            seq._compiled_call_impl = None  # again for every copy: run the copy eagerly
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(1, len(seq)):
+            layer, bn = seq[i - 1], seq[i]
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+                continue
+            stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                transpose = isinstance(layer, nn.ConvTranspose2d)  # its weight is (c_in, c_out, k, k)
+                w, b = fuse_conv_bn_weights(layer.weight, layer.bias, *stats, transpose=transpose)
+            elif isinstance(layer, nn.Linear):
+                w, b = fuse_linear_bn_weights(layer.weight, layer.bias, *stats)
+            else:
+                continue
+            layer.weight, layer.bias = w.requires_grad_(False), b.requires_grad_(False)
+            seq[i] = nn.Identity()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convolution and pooling kernels
+def conv3x3(x, weight, bias=None, transformed=None):
+    """F.conv2d(x, weight, bias, padding=1) for 3x3 kernels, with faster algorithms for CPU inference.
+
+    Without autograd, on fp32 CPU tensors in NCHW layout and outside autocast, the layers where it pays
+    (_algorithm) use a Winograd convolution (Lavin & Gray 2016), which needs several times fewer
+    multiplications than the direct algorithm for 3x3 kernels: NNPACK's F(6x6, 3x3) on maps of 16x16
+    and larger, our F(4x4, 3x3) (winograd_f4) on 8x8 maps, where NNPACK's 8x8 tiles would cover a
+    12x12 area. The rounding differs from the direct algorithm's (~1e-5 relative per layer, tested).
+    Everything else (training, CUDA, channels-last, reduced precision) is F.conv2d unchanged.
+
+    transformed: optional callable returning winograd_f4_weight(weight), for callers that keep it.
+    """
+    if (WINOGRAD and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.is_autocast_enabled("cpu")):
+        algorithm = _algorithm(x.shape[1], *x.shape[-2:])
+        if algorithm == "f4":
+            return winograd_f4(x, transformed() if transformed else winograd_f4_weight(weight), bias)
+        if algorithm == "nnpack":
+            return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, [1, 1])
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def _f4_weight(conv):
+    """winograd_f4_weight(conv.weight), kept on a frozen layer (as in inference_copy) and recomputed when
+    the weight is replaced or modified in place (identity and version counter)."""
+    w = conv.weight
+    if w.requires_grad:
+        return winograd_f4_weight(w)
+    cached = conv.__dict__.get("_f4")
+    if cached is None or cached[0] is not w or cached[1] != w._version:
+        cached = conv.__dict__["_f4"] = (w, w._version, winograd_f4_weight(w))
+    return cached[2]
+
+
+def _algorithm(c_in, h, w):
+    """The 3x3 convolution algorithm measured fastest on a 2-core AVX2 CPU at evaluation batch sizes:
+    "f4" for at least 256 input channels on 8x8 maps (1.7-1.8x faster than NNPACK there), "nnpack" for
+    at least 64 on 32x32 maps and larger or 128 on 16x16 (our F(4x4) loses there: its transforms are
+    memory-bound torch ops), "direct" otherwise. The choice depends on the layer only, never on the
+    batch, so a sequence's prediction does not depend on the batch it is in."""
+    if c_in >= 256 and h == w == 8:
+        return "f4"
+    size = min(h, w)
+    if ((c_in >= 64 and size >= 32) or (c_in >= 128 and size >= 16)) and _nnpack_available():
+        return "nnpack"
+    return "direct"
+
+
+@functools.cache
+def _nnpack_available():
+    # is_available() also initialises NNPACK, which its convolution needs before the first call.
+    return hasattr(torch, "_nnpack_spatial_convolution") and torch.backends.nnpack.is_available()
+
+
+# Winograd F(4x4, 3x3) (Lavin & Gray 2016, Sec. 4.2; interpolation points 0, +-1, +-2, infinity):
+# Y = A^T [(G g G^T) * (B^T d B)] A for a 6x6 input tile d, 3x3 kernel g and 4x4 output tile Y.
+# Kronecker products apply a transform to both axes of a flattened tile at once.
+_F4_BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                       [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+_F4_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_F4_AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                       [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
+_F4_B36 = torch.kron(_F4_BT, _F4_BT)  # (36, 36): flattened d -> flattened B^T d B
+_F4_G36 = torch.kron(_F4_G, _F4_G)  # (36, 9): flattened g -> flattened G g G^T
+_F4_A36 = torch.kron(_F4_AT, _F4_AT)  # (16, 36): flattened M -> flattened A^T M A
+
+
+def winograd_f4_weight(weight):
+    """(c_out, c_in, 3, 3) kernels -> their F(4x4, 3x3) transforms, (36, c_in, c_out)."""
+    c_out, c_in = weight.shape[:2]
+    return (_F4_G36.to(weight) @ weight.permute(2, 3, 1, 0).reshape(9, c_in * c_out)).view(36, c_in, c_out)
+
+
+def winograd_f4(x, u, bias=None):
+    """F.conv2d(x, weight, bias, padding=1) by Winograd F(4x4, 3x3), given u = winograd_f4_weight(weight).
+
+    x: (N, c_in, H, W) with H and W multiples of 4. The tiles are gathered from an (H, W, N, c_in)
+    copy of x, so each copy moves contiguous runs of N * c_in values, and the 36 transformed products
+    are one batched matrix multiplication over the channels: 36 instead of 9 * 16 = 144 multiply-adds
+    per 4x4 output tile and channel pair.
+    """
+    N, c_in, H, W = x.shape
+    c_out = u.shape[2]
+    th, tw = H // 4, W // 4
+    xp = x.new_zeros(H + 2, W + 2, N, c_in)  # zero padding of 1
+    xp[1:-1, 1:-1] = x.permute(2, 3, 0, 1)
+    s = xp.stride()
+    # 6x6 tiles overlapping by 2: (6, 6, th, tw, N * c_in) -> (36, th * tw * N * c_in)
+    d = xp.as_strided((6, 6, th, tw, N * c_in), (s[0], s[1], 4 * s[0], 4 * s[1], 1)).reshape(36, -1)
+    v = (_F4_B36.to(x) @ d).view(36, th * tw * N, c_in)  # B^T d B, (36, tiles, c_in)
+    m = torch.bmm(v, u)  # (36, tiles, c_out): the elementwise products summed over c_in
+    y = (_F4_A36.to(x) @ m.view(36, -1)).view(4, 4, th, tw, N, c_out)  # A^T m A
+    y = y.permute(4, 5, 2, 0, 3, 1).reshape(N, c_out, H, W)  # (N, c_out, th, 4, tw, 4) -> (N, c_out, H, W)
+    return y if bias is None else y.add_(bias.view(-1, 1, 1))
+
+
+# The sub-pixel view of a nearest-neighbour 2x upsampling followed by a 3x3 convolution (Shi et al.
+# 2016): output row 2p + a reads input rows p - 1 + a + s (s = 0, 1) through the kernel rows that fall
+# on them, (0 | 1+2) for a = 0 and (0+1 | 2) for a = 1. In a transposed convolution with stride 2,
+# padding 1 and a 4x4 kernel, output row o = 2i - 1 + k, so input row i reaches output row 2p + a
+# through kernel row k = 3 - a - 2s. Row k of _UP_TAPS says which 3x3 kernel rows sum into it; the same
+# holds for columns, so _UP_TAPS2 = kron(_UP_TAPS, _UP_TAPS) maps a flattened 3x3 kernel to the 4x4 one.
+_UP_TAPS = torch.tensor([[0., 0., 1.], [0., 1., 1.], [1., 1., 0.], [1., 0., 0.]])
+_UP_TAPS2 = torch.kron(_UP_TAPS, _UP_TAPS)  # (16, 9)
+
+
+def upsampled_conv(d, weight, bias):
+    """conv3x3(upsample_nearest_2x(d), weight, bias, padding=1), computed at d's resolution.
+
+    The same map is a stride-2 transposed convolution of d with a 4x4 kernel made of sums of the 3x3
+    kernel's taps (_UP_TAPS); same parameters, same result up to rounding (tested).
+    d: (N, c_in, H, W); weight: (c_out, c_in, 3, 3). Returns (N, c_out, 2H, 2W).
+    """
+    c_out, c_in = weight.shape[:2]
+    k = (weight.reshape(-1, 9) @ _UP_TAPS2.to(weight).T).view(c_out, c_in, 4, 4)  # one GEMM, not c_out*c_in small ones
+    return F.conv_transpose2d(d, k.transpose(0, 1), bias, stride=2, padding=1)  # weight (c_in, c_out, 4, 4)
+
+
+def max_pool2x2(x):
+    """F.max_pool2d(x, 2) for even-sized maps (N, C, H, W). Without autograd it is the maximum of the four
+    strided sub-grids, about 3x faster on a CPU than the pooling kernel, which also computes the argmax
+    indices that only its backward needs; the values are identical."""
+    if torch.is_grad_enabled():
+        return F.max_pool2d(x, 2)
+    return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                         torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+
+
+def compile_rollout():
+    """torch.compile the clip encoder and decoder used by forward_batched and predict (train --compile)."""
+    global encode, decode
+    encode, decode = torch.compile(encode), torch.compile(decode)

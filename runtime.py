@@ -1,0 +1,73 @@
+"""Process setup shared by every entry point: the OpenMP wait policy, the allocator, the device, autocast.
+
+Import it before torch in a script (`import runtime` first): the OpenMP policy must be in the
+environment before torch loads its OpenMP runtime.
+
+    python -c "import runtime; print(runtime.choose_device('auto'))"
+"""
+import os
+
+# OpenMP threads that sleep instead of spinning while they wait: when anything else runs on the CPU,
+# spinning threads slowed a training step about 5x here; on an idle CPU it costs nothing. An explicit
+# OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    A training step frees and re-allocates the same few hundred MB of activations; by default glibc
+    serves blocks above its mmap threshold with fresh mmaps and trims the heap after each free, so every
+    step pays page faults to zero new pages again (about 9% of a CPU step here). Raising both
+    thresholds (mallopt M_TRIM_THRESHOLD=-1, M_MMAP_THRESHOLD=-3) keeps the pages. Returns whether it
+    applied: a no-op off glibc (macOS, Windows, musl).
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-1, 2**31 - 1)) and bool(libc.mallopt(-3, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
+def choose_device(device="auto", local_rank=0):
+    """--device {auto, cpu, cuda} -> a torch.device: CUDA (this process's local rank) when asked for or,
+    with auto, when present; the CPU otherwise. Raises ValueError when CUDA is asked for and absent."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_amp(amp, device):
+    """--amp auto -> "bf16" where the device computes bf16 natively (a CUDA GPU with bf16 support; a CPU
+    with AVX-512-BF16 or AMX), "off" elsewhere: without those units PyTorch emulates bf16 convolutions,
+    7-19x slower than fp32 (docs/performance.md). Other values are returned unchanged."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "off"
+
+
+def autocast(device, amp):
+    """Autocast context for --amp {off, bf16, fp16}."""
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

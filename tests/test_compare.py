@@ -1,0 +1,222 @@
+"""compare.py against numbers computed directly from the run files; experiments.py end to end and its resume."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import compare
+import experiments
+import test as test_script
+import train_fixed_prior as train
+from conftest import TINY
+
+SHORT = ["--niter", "2", "--epoch_size", "2", "--eval_every", "1", "--plot_every", "9"]
+
+
+# ------------------------------------------------------------------ fabricated runs: fast, exact numbers
+
+def _fake_run(path, args, rows, tests=None, extra_lines=()):
+    """A run directory as train_fixed_prior.py and test.py lay it out, with chosen numbers."""
+    os.makedirs(path)
+    with open(os.path.join(path, "train_record.txt"), "w") as f:
+        f.write(f"args: {args}\n[epoch: 00] loss: 1.00000 | mse loss: 1.00000 | kld loss: 0.00000\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    cols = ["epoch", "step", "loss", "mse", "kld", "beta", "tfr", "lr", "val_psnr", "seconds", "kld_active_dims"]
+    with open(os.path.join(path, "metrics.csv"), "w") as f:
+        f.write(",".join(cols) + "\n")
+        for r in rows:
+            f.write(",".join("" if r.get(k) is None else str(r.get(k)) for k in cols) + "\n")
+    for sub, m in (tests or {}).items():
+        os.makedirs(os.path.join(path, sub))
+        json.dump(m, open(os.path.join(path, sub, "metrics.json"), "w"))
+    return str(path)
+
+
+def _rows(n, step, val, secs=2.0):
+    return [{"epoch": e, "step": (e + 1) * step, "loss": 0.1, "mse": 0.01 / (e + 1), "kld": 0.5, "beta": 1.0,
+             "tfr": 1.0, "lr": 0.002, "val_psnr": val[e], "seconds": secs, "kld_active_dims": "3"} for e in range(n)]
+
+
+ARGS = {"lr": 0.002, "niter": 3, "epoch_size": 10, "seed": 1, "log_dir": "x", "data_root": "d", "num_workers": 0,
+        "kl_anneal_cyclical": False, "some_future_flag": [1, 2]}
+
+
+def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
+    a1 = _fake_run(tmp_path / "a1", {**ARGS, "log_dir": "a/seed1"}, _rows(3, 10, [18.0, None, 19.0]),
+                   {"test": {"psnr": 20.0, "ssim": 0.7, "copy_last_psnr": 15.0},
+                    "test_shuffled": {"psnr": 16.0, "ssim": 0.5, "copy_last_psnr": 15.0}})
+    a2 = _fake_run(tmp_path / "a2", {**ARGS, "seed": 2, "num_workers": 4}, _rows(3, 10, [17.0, 19.5, 19.2], 4.0),
+                   {"test": {"psnr": 21.0, "ssim": 0.8, "copy_last_psnr": 15.0}})
+    # Configuration B: started with lr 0.002 and niter 2, resumed with overrides; then a shorter seed.
+    b1 = _fake_run(tmp_path / "b1", {**ARGS, "lr": 0.002, "niter": 2}, _rows(3, 10, [10.0, 11.0, 12.0]),
+                   {"test": {"psnr": 23.0, "ssim": 0.9, "copy_last_psnr": 15.0}},
+                   ["resumed from b1/last.pth at epoch 1, step 10", "override lr: 0.002 -> 0.01",
+                    "override niter: 2 -> 3", "override log_dir: x -> y/z"])
+    b2 = _fake_run(tmp_path / "b2", {**ARGS, "lr": 0.01, "seed": 2}, _rows(2, 5, [11.0, 12.5]),
+                   {"test": {"psnr": 23.4, "ssim": 0.9, "copy_last_psnr": 15.0}})
+    res = compare.main([a1, a2, b1, b2, "--out", str(tmp_path / "out")])
+    assert res["differing"] == ["lr"]
+    labels = [c["label"] for c in res["configs"]]
+    assert labels == ["lr=0.002", "lr=0.01"]
+    ta, tb = res["table"]
+    assert ta["n_seeds"] == tb["n_seeds"] == 2
+    assert ta["val_final_mean"] == pytest.approx((19.0 + 19.2) / 2)
+    assert ta["val_best_mean"] == pytest.approx((19.0 + 19.5) / 2)
+    assert ta["val_best_spread"] == pytest.approx(0.25)  # half the range
+    assert ta["test_psnr_mean"] == pytest.approx(20.5) and ta["test_psnr_spread"] == pytest.approx(0.5)
+    assert ta["gain_copy_last_mean"] == pytest.approx(5.5)
+    assert ta["gain_shuffled_mean"] == pytest.approx(4.0) and ta["gain_shuffled_n"] == 1
+    assert ta["sec_per_iter_mean"] == pytest.approx((6 / 30 + 12 / 30) / 2)
+    assert tb["sec_per_iter_mean"] == pytest.approx((6 / 30 + 4 / 10) / 2)
+    assert tb["vs_first_db"] == pytest.approx(23.2 - 20.5) and tb["vs_first"] == "larger than the seed spread"
+    assert "seed 2: no shuffled-conditions test" in ta["notes"]
+    assert "seed 1: resumed (epoch 1, step 10)" in tb["notes"]
+    assert "seed 2: shorter run (10 of 30 steps)" in tb["notes"]
+    md = open(tmp_path / "out" / "compare.md").read()
+    assert "half the range" in md and "`lr=0.01`" in md and "+2.70 dB (larger than the seed spread)" in md
+    assert "interpolated" in md  # B's seeds logged different steps
+    assert "| `lr=0.002` | 2 |" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "out" / "compare.csv")))
+    assert [r["label"] for r in rows] == labels and float(rows[1]["test_psnr_mean"]) == pytest.approx(23.2)
+    assert os.path.getsize(tmp_path / "out" / "compare.png") > 10000
+
+    # The std variant, and a pair whose seeds overlap.
+    c2 = _fake_run(tmp_path / "c2", {**ARGS, "lr": 0.005}, _rows(3, 10, [1, 2, 3]),
+                   {"test": {"psnr": 20.9, "ssim": 0.7, "copy_last_psnr": 15.0}})
+    c3 = _fake_run(tmp_path / "c3", {**ARGS, "lr": 0.005, "seed": 3}, _rows(3, 10, [1, 2, 3]),
+                   {"test": {"psnr": 20.3, "ssim": 0.7, "copy_last_psnr": 15.0}})
+    res = compare.main([a1, a2, c2, c3, b1, "--out", str(tmp_path / "out2"), "--spread", "std"])
+    assert res["table"][1]["vs_first"] == "within seed spread"
+    assert res["table"][0]["test_psnr_spread"] == pytest.approx(np.std([20.0, 21.0], ddof=1))
+    assert res["table"][2]["vs_first"] == "a single tested seed: spread unknown"
+    assert "Every pair" in res["markdown"]
+
+
+def test_not_a_run_is_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"{tmp_path / 'empty'} is not a training run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert "nowhere: no such directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real tiny runs
+
+def _train(root, log_dir, *extra):
+    return train.main(["--data_root", root, "--log_dir", str(log_dir), "--cache_dir", str(log_dir.parent / "cache"),
+                       *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(sim_root, tmp_path_factory):
+    """Two configurations (lr) x two seeds; lr=0.01 seed 2 interrupted after one epoch and resumed;
+    lr=0.002 seed 2 never tested."""
+    base = tmp_path_factory.mktemp("cmp")
+    runs = {}
+    for lr in ("0.002", "0.01"):
+        for seed in ("1", "2"):
+            if (lr, seed) == ("0.01", "2"):
+                first = _train(sim_root, base / f"lr{lr}" / f"seed{seed}", "--niter", "1", "--epoch_size", "2",
+                               "--eval_every", "1", "--plot_every", "9", "--lr", lr, "--seed", seed)
+                run = train.main(["--model_dir", first, "--niter", "2"])
+            else:
+                run = _train(sim_root, base / f"lr{lr}" / f"seed{seed}", *SHORT, "--lr", lr, "--seed", seed)
+            if (lr, seed) != ("0.002", "2"):
+                for mode in ("real", "shuffled"):
+                    test_script.main(["--model_dir", run, "--cond_mode", mode, "--cache_dir", str(base / "cache")])
+            runs[(lr, seed)] = run
+    return base, runs
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_table_equals_the_files(tiny_runs, capsys):
+    base, runs = tiny_runs
+    order = [runs[k] for k in (("0.002", "1"), ("0.002", "2"), ("0.01", "1"), ("0.01", "2"))]
+    res = compare.main(order + ["--out", str(base / "out")])
+    out = capsys.readouterr().out
+    assert [c["label"] for c in res["configs"]] == ["lr=0.002", "lr=0.01"] and res["differing"] == ["lr"]
+    for (lr, cfg_row) in zip(("0.002", "0.01"), res["table"]):
+        seeds = [runs[(lr, s)] for s in ("1", "2")]
+        finals, bests, secs = [], [], []
+        for run in seeds:
+            rows = _metrics(run)
+            vals = [float(r["val_psnr"]) for r in rows if r["val_psnr"]]
+            finals.append(vals[-1])
+            bests.append(max(vals))
+            secs.append(sum(float(r["seconds"]) for r in rows) / float(rows[-1]["step"]))
+            assert float(rows[-1]["step"]) == 4
+        tests = [json.load(open(os.path.join(r, "test", "metrics.json")))["psnr"] for r in seeds
+                 if os.path.isfile(os.path.join(r, "test", "metrics.json"))]
+        assert cfg_row["n_seeds"] == 2
+        assert cfg_row["val_final_mean"] == pytest.approx(np.mean(finals), abs=1e-4)
+        assert cfg_row["val_final_spread"] == pytest.approx((max(finals) - min(finals)) / 2, abs=1e-4)
+        assert cfg_row["val_best_mean"] == pytest.approx(np.mean(bests), abs=1e-4)
+        assert cfg_row["test_psnr_mean"] == pytest.approx(np.mean(tests), abs=1e-9)
+        assert cfg_row["test_psnr_n"] == len(tests)
+        assert cfg_row["sec_per_iter_mean"] == pytest.approx(np.mean(secs), rel=1e-4)
+        assert f"`lr={float(lr)}`" in out
+    first, second = res["table"]
+    assert first["test_psnr_n"] == 1 and "seed 2: no test" in first["notes"]
+    assert "seed 2: resumed (epoch 1, step 2)" in second["notes"] and "no test" not in second["notes"]
+    assert "shorter" not in first["notes"] + second["notes"]
+    resumed = [r for c in res["configs"] for r in c["runs"] if r["resumes"]]
+    assert len(resumed) == 1 and resumed[0]["args"]["niter"] == 2  # the override applied
+    assert os.path.getsize(base / "out" / "compare.png") > 10000
+    md = open(base / "out" / "compare.md").read()
+    assert "(1 of 2)" in md and "no test" in md and "resumed" in md
+
+
+@pytest.mark.slow
+def test_experiment_set_runs_then_skips(sim_root, tmp_path, capsys):
+    argv = ["annealing", "--seeds", "1", "--data_root", sim_root, "--log_dir", str(tmp_path / "exp"),
+            *TINY, *SHORT, "--cache_dir", str(tmp_path / "cache")]
+    res = experiments.main(argv)
+    out = capsys.readouterr().out
+    assert [d["label"] for d in res["runs"]] == ["kl_anneal_cyclical=False", "kl_anneal_cyclical=True"]
+    assert [c["label"] for c in res["compare"]["configs"]] == ["kl_anneal_cyclical=False", "kl_anneal_cyclical=True"]
+    for d in res["runs"]:
+        assert d["run"].startswith(str(tmp_path / "exp" / "annealing" / d["label"] / "seed1") + os.sep)
+        for sub in ("test", "test_shuffled"):
+            assert os.path.isfile(os.path.join(d["run"], sub, "metrics.json"))
+    assert "[annealing 1/2] kl_anneal_cyclical=False seed=1: trained" in out and " dB" in out
+    assert os.path.isfile(tmp_path / "exp" / "annealing" / "compare.png")
+    table = res["compare"]["table"]
+    assert all(not math.isnan(r["test_psnr_mean"]) and r["notes"] == "" for r in table)
+
+    mtimes = [os.path.getmtime(os.path.join(d["run"], "last.pth")) for d in res["runs"]]
+    res2 = experiments.main(argv)
+    out = capsys.readouterr().out
+    assert [d["status"] for d in res2["runs"]] == ["skipped (finished)"] * 2
+    assert "[annealing 2/2] kl_anneal_cyclical=True seed=1: skipped (finished)" in out
+    assert [os.path.getmtime(os.path.join(d["run"], "last.pth")) for d in res2["runs"]] == mtimes
+    assert [r["test_psnr_mean"] for r in res2["compare"]["table"]] == [r["test_psnr_mean"] for r in table]
+
+    # A longer --niter: each run resumes from its last.pth (not a fresh start) and ends at the new length.
+    res3 = experiments.main(argv + ["--niter", "3"])
+    assert "[annealing 1/2] kl_anneal_cyclical=False seed=1: resumed at epoch 2" in capsys.readouterr().out
+    assert [d["run"] for d in res3["runs"]] == [d["run"] for d in res["runs"]]
+    assert all(len(_metrics(d["run"])) == 3 for d in res3["runs"])
+    assert all("resumed" in r["notes"] for r in res3["compare"]["table"])
+
+
+def test_experiment_sets_listed_and_unknown_flags_refused(capsys, tmp_path):
+    experiments.main(["--list"])
+    out = capsys.readouterr().out
+    for name in ("annealing", "teacher_forcing", "lr", "prior"):
+        assert f"\n{name}: " in out
+    assert "--tfr_decay_step 0.25" in out and "--lr 0.01" in out
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["annealing", "--log_dir", str(tmp_path), "--no_such_flag", "3"])
+    assert "does not accept --no_such_flag 3" in str(e.value.code)
+    assert not os.path.exists(tmp_path / "annealing")

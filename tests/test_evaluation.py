@@ -1,0 +1,68 @@
+"""The evaluation over samples: noise per (seed, sequence, sample), best/mean/worst of N against a naive
+loop, and scores that do not depend on the batch size."""
+import argparse
+import math
+
+import pytest
+import torch
+
+import evaluation
+from dataset import bair_robot_pushing_dataset
+from models import CVAE
+
+
+def test_sequence_noise_depends_on_seed_sequence_and_sample_only():
+    a = evaluation.sequence_noise([3, 4, 5], 11, 6, seed=2, device="cpu", sample=1)
+    b = evaluation.sequence_noise([5], 11, 6, seed=2, device="cpu", sample=1)
+    assert torch.equal(a[2], b[0])  # the same sequence in another batch
+    c = evaluation.sequence_noise([5], 11, 6, seed=2, device="cpu", sample=2)
+    d = evaluation.sequence_noise([5], 11, 6, seed=3, device="cpu", sample=1)
+    assert not torch.equal(b, c) and not torch.equal(b, d)
+    # Sample 0 is the graded noise, a function of seed * 1_000_003 + sequence.
+    g = torch.Generator().manual_seed(2 * 1_000_003 + 5)
+    assert torch.equal(evaluation.sequence_noise([5], 11, 6, 2, "cpu")[0], torch.randn(11, 6, generator=g))
+
+
+def test_best_mean_worst_against_a_naive_loop():
+    torch.manual_seed(0)
+    values = torch.rand(7, 5, 4, dtype=torch.float64)  # (sequences, samples, frames)
+    for higher in (True, False):
+        got = evaluation.summarize_samples(values, higher_is_better=higher)
+        best, worst, mean = [], [], []
+        for seq in values:
+            scores = [s.mean().item() for s in seq]
+            pick = max if higher else min
+            best.append(seq[scores.index(pick(scores))])
+            worst.append(seq[scores.index((min if higher else max)(scores))])
+            mean.append(seq.mean(0))
+        for name, curves in (("best", best), ("mean", mean), ("worst", worst)):
+            curves = torch.stack(curves)
+            assert got[name] == pytest.approx(curves.mean().item())
+            assert got[f"{name}_per_step"] == pytest.approx(curves.mean(0).tolist())
+            per_seq = curves.mean(1)
+            assert got[f"{name}_ci95"] == pytest.approx(1.96 * per_seq.std(unbiased=False).item() / math.sqrt(7))
+        assert (got["best"] >= got["mean"] >= got["worst"]) == higher
+
+
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+def test_sampled_scores_do_not_depend_on_the_batch(sim_root, tmp_path, prior):
+    args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=4, n_eval=0, cache_dir=str(tmp_path), quiet=True)
+    ds = bair_robot_pushing_dataset(args, "test")
+    torch.manual_seed(0)
+    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, prior=prior)
+    model.train()
+    x, c = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    model(x[:, :6], c[:, :6], 2, batched=True)  # BatchNorm statistics that make samples differ visibly
+    cpu = torch.device("cpu")
+    runs = [evaluation.evaluate(model, ds, 2, 4, cpu, batch_size=bs, n_samples=3, keep=(1,)) for bs in (1, 3)]
+    one = evaluation.evaluate(model, ds, 2, 4, cpu, batch_size=2)
+    for r in runs:
+        assert r["psnr"] == pytest.approx(one["psnr"], abs=1e-6)  # sample 0 is the graded prediction
+        for key, value in runs[0]["samples"]["psnr"].items():
+            assert r["samples"]["psnr"][key] == pytest.approx(value, abs=1e-6), key
+        assert r["samples"]["diversity_pixel_std"] > 0
+        clip = r["clips"][1]
+        assert clip["samples"].shape == (3, 4, 3, 64, 64) and clip["posterior"].shape == (4, 3, 64, 64)
+    torch.testing.assert_close(runs[0]["clips"][1]["samples"], runs[1]["clips"][1]["samples"], atol=1e-6, rtol=0)
+    s = runs[0]["samples"]["psnr"]
+    assert s["best"] >= s["mean"] >= s["worst"]

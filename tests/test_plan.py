@@ -1,0 +1,123 @@
+"""plan.py: CEM on a toy cost, the action/condition bookkeeping, the planner with the simulator as
+its model, and the script end to end on a tiny randomly initialised model."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import make_sim_dataset as sim  # noqa: E402
+import plan  # noqa: E402
+import checkpoints  # noqa: E402
+from models import ARCH_KEYS, CVAE  # noqa: E402
+from sim_env import SimEnv  # noqa: E402
+
+TINY_ARCH = dict(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run directory holding a randomly initialised tiny model, saved as train_fixed_prior.py does."""
+    torch.manual_seed(0)
+    model = CVAE(**TINY_ARCH)
+    d = tmp_path_factory.mktemp("run")
+    arch = dict(TINY_ARCH, predictor_rnn_layers=2, posterior_rnn_layers=1, cond_dim=7, last_frame_skip=False,
+                prior="fixed", prior_rnn_layers=1)
+    assert set(arch) == set(ARCH_KEYS)
+    checkpoints.save_checkpoint(str(d / "model.pth"), {"model": model.state_dict(), "arch": arch,
+                                                 "args": {**arch, "n_past": 2, "n_future": 10}, "epoch": 0, "step": 0})
+    return str(d)
+
+
+def test_cem_finds_the_optimum_of_a_quadratic():
+    rng = np.random.default_rng(0)
+    opt = rng.uniform(-0.5, 0.5, 6)
+    cost = lambda x: ((x - opt) ** 2).sum(1)  # noqa: E731
+    x, c, mean, std, hist = plan.cem(cost, np.zeros(6), np.ones(6), 200, 15, 0.1, -1, 1, rng)
+    assert np.abs(x - opt).max() < 0.02 and np.abs(mean - opt).max() < 0.02 and std.max() < 0.02
+    assert hist[-1] <= hist[0] and c == pytest.approx(cost(x[None])[0])
+
+
+def test_actions_stay_in_the_box_and_positions_integrate():
+    x = np.array([[0.07, 0.07] * 5, [-0.2, 0.0] * 5])
+    acts, pos = plan.to_actions(x, np.array([0.70, 0.10]), gripper=1, horizon=5)
+    assert acts.shape == (2, 5, 4) and pos.shape == (2, 11, 2)
+    assert np.all(pos >= plan.EE_LO - 1e-12) and np.all(pos <= plan.EE_HI + 1e-12)
+    assert np.allclose(np.diff(pos, axis=1), np.repeat(acts[..., :2], 2, axis=1))
+    assert np.all(np.abs(acts[..., :2]) <= sim.MAX_STEP + 1e-12) and np.all(acts[..., 2] == 0) and np.all(acts[..., 3] == 1)
+
+
+def test_conditions_follow_the_data_layout():
+    acts, pos = plan.to_actions(np.full((3, 10), 0.01), np.array([0.6, 0.0]), 0, 5)
+    past_a, past_ee = np.array([[0, 0, 0, 0.0]]), np.array([[0.6, 0.0, 0.2], [0.6, 0.0, 0.2]])
+    c = plan.model_conds(past_a, past_ee, acts, pos, 2, 10)
+    assert c.shape == (3, 12, 7)
+    assert np.array_equal(c[:, 0, :4], np.zeros((3, 4))) and np.allclose(c[:, 1, :2], 0.01)  # cond_1 = first action
+    assert np.allclose(c[:, :2, 4:], past_ee) and np.allclose(c[:, 2, 4:6], [0.61, 0.01])
+    assert np.allclose(c[:, -1, 4:6], [0.6 + 0.1, 0.1])
+
+
+def test_predict_frames_uses_model_predict_when_it_exists(tiny_run):
+    model, n_past, n_future = plan.load_model(tiny_run, "model.pth", "cpu")
+    frames, conds = torch.rand(3, 2, 3, 64, 64), torch.rand(3, 12, 7)
+    noise = torch.zeros(3, 11, 4)
+    out = plan.predict_frames(model, frames, conds, 10, noise)
+    assert out.shape == (3, 10, 3, 64, 64)
+
+    class WithPredict(torch.nn.Module):
+        def predict(self, frames, conds, n_past, n_future, noise=None):
+            return torch.full((frames.shape[0], n_future, 3, 64, 64), 0.5)
+    if not hasattr(model, "predict"):
+        assert torch.equal(plan.predict_frames(WithPredict(), frames, conds, 10, noise), torch.full_like(out, 0.5))
+
+
+def test_blurred_cost_decreases_as_a_blob_approaches_the_goal():
+    goal = torch.zeros(3, 64, 64)
+    goal[:, 30:34, 40:44] = 1
+    costs = []
+    for x in (4, 16, 28, 40):
+        pred = torch.zeros(1, 1, 3, 64, 64)
+        pred[..., 30:34, x:x + 4] = 1
+        costs.append(plan.image_cost(pred, goal, np.ones(1), 2.0).item())
+    assert costs == sorted(costs, reverse=True) and costs[-1] == pytest.approx(0, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_the_simulator_as_model_solves_an_easy_reach():
+    args = plan.get_args_parser().parse_args(["--model_dir", ".", "--task", "reach", "--steps", "3",
+                                              "--samples", "40", "--iters", "3"])
+    env = SimEnv()
+    rec, _ = plan.run_episode(env, "oracle", args, episode_seed=1)
+    noop, _ = plan.run_episode(env, "noop", args, episode_seed=1)
+    assert rec["initial_distance"] > 0.07 and rec["success"], rec
+    assert noop["final_distance"] > 0.07
+
+
+def test_plan_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    res = plan.main(["--model_dir", tiny_run, "--task", "reach", "--episodes", "1", "--steps", "1", "--samples", "4",
+                     "--iters", "1", "--methods", "model,random,noop", "--out", str(out)])
+    s = json.loads((out / "plan" / "summary.json").read_text())
+    assert set(s["summary"]) == {"model", "random", "noop"} and len(s["episodes"]) == 3
+    assert s["summary"]["noop"]["distance_reduction_vs_noop_mean"] == 0 and "host" in s
+    assert os.path.getsize(out / "plan" / "reach_ep0.gif") > 0
+    assert res["summary"]["model"]["episodes"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "model,magic"], "--methods"), (["--episodes", "0"], "--episodes"),
+    (["--elite_frac", "0"], "--elite_frac")])
+def test_bad_flags_are_named(tiny_run, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        plan.main(["--model_dir", tiny_run] + flags)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="model.pth"):
+        plan.main(["--model_dir", str(tmp_path)])

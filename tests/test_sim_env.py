@@ -1,0 +1,119 @@
+"""sim_env.py: the gymnasium API, determinism, exact replay of data set sequences, goal images and
+cloned states that leave the episode untouched."""
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import make_sim_dataset as sim  # noqa: E402
+from sim_env import SimEnv  # noqa: E402
+
+ACTIONS = [np.array([0.03, -0.02, 0, 1]), np.array([-0.01, 0.04, 0, 1]), np.array([0.02, 0.02, 1, 0])]
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = SimEnv()
+    yield e
+    e.close()
+
+
+def run(env, seed, actions, **reset):
+    frame, info = env.reset(seed=seed, **reset)
+    frames, positions = [frame], [info["ee"]]
+    for a in actions:
+        frame, reward, terminated, truncated, info = env.step(a)
+        assert info["frames"].shape == (2, 64, 64, 3) and np.array_equal(info["frames"][-1], frame)
+        frames += list(info["frames"])
+        positions += list(info["positions"])
+    return np.stack(frames), np.stack(positions)
+
+
+def test_spaces_and_step_api(env):
+    frame, info = env.reset(seed=1)
+    assert env.observation_space.contains(frame) and frame.dtype == np.uint8 and frame.shape == (64, 64, 3)
+    assert set(info) >= {"ee", "objects", "gripper", "t"} and info["objects"].shape[1] == 3
+    assert 3 <= len(info["objects"]) <= 8 and info["t"] == 0
+    out = env.step(ACTIONS[0])
+    assert len(out) == 5 and out[0].shape == (64, 64, 3) and out[2] is False and out[3] is False
+    assert out[4]["t"] == 2 and out[4]["positions"].shape == (2, 3)
+    with pytest.raises(ValueError, match="4 finite numbers"):
+        env.step([0.0, 0.0])
+
+
+def test_same_seed_same_frames_other_seed_other_scene(env):
+    f1, p1 = run(env, 4, ACTIONS)
+    f2, p2 = run(env, 4, ACTIONS)
+    assert np.array_equal(f1, f2) and np.array_equal(p1, p2)
+    f3, _ = run(env, 5, ACTIONS)
+    assert not np.array_equal(f1[0], f3[0])
+
+
+def test_actions_move_the_end_effector(env):
+    _, p = run(env, 2, [np.array([0.03, -0.02, 0, 1])] * 3)
+    step = np.diff(p[1:, :2], axis=0)  # after the first frame (the arm settles on the tray at reset)
+    assert np.allclose(step, [0.03, -0.02], atol=0.004)
+
+
+def test_replaying_a_data_set_sequence_reproduces_its_files(tmp_path, env):
+    """Frames and CSV bytes of every sequence of a tiny set, replayed from its seed and actions."""
+    root = tmp_path / "data"
+    sim.generate(str(root), n_train=2, n_validate=1, n_test=1, seed=3, workers=0, progress=False)
+    n = 0
+    for split in sim.SPLITS:
+        for index, shard, k in sim.split_plan(split, {"train": 2, "validate": 1, "test": 1}[split]):
+            d = root / split / shard / str(k)
+            actions = np.loadtxt(d / "actions.csv", delimiter=",")
+            frame, info = env.reset(options={"seed_words": (3, sim.SPLIT_CODE[split], index)})
+            frames, positions = [frame], [info["ee"]]
+            for t in range(0, sim.SEQ_LEN, 2):  # rows come in pairs: one action per 2 frames
+                assert np.array_equal(actions[t], actions[t + 1])
+                _, _, _, _, info = env.step(actions[t])
+                frames += list(info["frames"])
+                positions += list(info["positions"])
+            for t in range(sim.SEQ_LEN):
+                assert np.array_equal(np.asarray(Image.open(d / f"{t}.png")), frames[t]), (d, t)
+            buf = io.BytesIO()
+            np.savetxt(buf, np.asarray(positions[:sim.SEQ_LEN], np.float32).astype(np.float64), delimiter=",")
+            assert buf.getvalue() == (d / "endeffector_positions.csv").read_bytes(), d
+            n += 1
+    assert n == 4
+
+
+def test_goal_image_and_cloned_states_leave_the_episode_untouched(env):
+    f_plain, p_plain = run(env, 6, ACTIONS)
+    frame, info = env.reset(seed=6)
+    target = info["ee"][:2] + [0.08, 0.05]
+    goal = env.render_goal(ee=target, objects={0: info["objects"][0, :2] + [0.05, 0.0]})
+    assert goal.shape == (64, 64, 3) and not np.array_equal(goal, frame)
+    assert np.array_equal(env.render(), frame)
+    ee, obj = env.rollout_states(np.stack([np.stack(ACTIONS)] * 2))
+    assert ee.shape == (2, 6, 3) and obj.shape[:2] == (2, 6) and np.array_equal(ee[0], ee[1])
+    frames, positions = [frame], [info["ee"]]
+    for a in ACTIONS:
+        _, _, _, _, i = env.step(a)
+        frames += list(i["frames"])
+        positions += list(i["positions"])
+    assert np.array_equal(np.stack(frames), f_plain) and np.array_equal(np.stack(positions), p_plain)
+    # the state rollout followed the pusher that the drawn arm then tracked
+    assert np.allclose(ee[0, :, :2], np.stack(positions)[1:, :2], atol=2e-3)
+    with pytest.raises(ValueError, match="object index"):
+        env.render_goal(objects={99: (0.5, 0.0)})
+
+
+def test_reward_is_minus_the_distance_to_the_goal(env):
+    frame, info = env.reset(seed=1, options={"goal": {"ee": (0.6, 0.0)}})
+    _, r, _, _, info = env.step(np.array([0.0, 0.0, 0, 0]))
+    assert r == pytest.approx(-np.linalg.norm(info["ee"][:2] - [0.6, 0.0]))
+    env.max_steps = 1
+    try:
+        env.reset(seed=1)
+        assert env.step(np.zeros(4))[3] is True
+    finally:
+        env.max_steps = None
