@@ -21,7 +21,9 @@ import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch l
 import argparse
 import os
 import glob
+import json
 import sys
+import time
 
 import torch
 
@@ -160,6 +162,7 @@ def main(argv=None):
     if "--no_cache" in extra:
         test_extra.append("--no_cache")
 
+    t_start = time.perf_counter()
     jobs = [(label, flags, seed) for label, flags in spec["configs"] for seed in range(1, args.seeds + 1)]
     done = []
     for n, (label, flags, seed) in enumerate(jobs, 1):
@@ -187,15 +190,28 @@ def main(argv=None):
             what.append("tested only (training was finished)")
         rows = read_metrics(os.path.join(run, "metrics.csv"))
         trained = sum(r.get("seconds", 0.0) for r in rows if r.get("seconds") == r.get("seconds"))
-        real = compare.load_run(run)["tests"].get("real", {})
+        tests = compare.load_run(run)["tests"]
+        real = tests.get("real", {})
         print(f"[{args.set} {n}/{len(jobs)}] {label} seed={seed}: {', '.join(what + [f'trained {trained:.0f} s'])}, "
               f"test {real.get('psnr', float('nan')):.2f} dB", flush=True)
         done.append({"label": label, "seed": seed, "run": run, "status": what[0] if what else "trained",
-                     "epoch_before": epoch})
+                     "epoch_before": epoch, "train_seconds": trained,
+                     "test_seconds": sum(t.get("seconds", 0.0) for t in tests.values())})
 
     result = compare.main([d["run"] for d in done] + ["--out", set_dir, "--title", f"{args.set}: {spec['about']}",
                                                       "--spread", args.spread])
-    return {"runs": done, "compare": result, "out": set_dir}
+    # Wall-clock of this call, and the time the set's runs took wherever they were made (training epochs
+    # plus tests; validation, start-up and data caching are outside it), so a resumed set still tells.
+    timing = {"wall_seconds_this_call": round(time.perf_counter() - t_start, 1),
+              "train_seconds": round(sum(d["train_seconds"] for d in done), 1),
+              "test_seconds": round(sum(d["test_seconds"] for d in done), 1),
+              "threads": torch.get_num_threads(), "runs": len(done)}
+    with open(os.path.join(set_dir, "timing.json"), "w") as f:
+        json.dump(timing, f, indent=2)
+    print(f"[{args.set}] {len(done)} runs; this call {timing['wall_seconds_this_call'] / 60:.1f} min wall-clock "
+          f"({timing['threads']} threads); the runs' training {timing['train_seconds'] / 60:.1f} min + tests "
+          f"{timing['test_seconds'] / 60:.1f} min -> {set_dir}", flush=True)
+    return {"runs": done, "compare": result, "out": set_dir, "timing": timing}
 
 
 if __name__ == "__main__":

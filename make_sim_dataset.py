@@ -20,6 +20,7 @@ simulated arm at each frame, in a frame with x away from the robot (down the ima
 that the ranges resemble BAIR's (x 0.44..0.74, y -0.25..0.15, z 0.20..0.31).
 """
 import argparse
+import atexit
 import contextlib
 import functools
 import json
@@ -119,7 +120,17 @@ def _sim():
         robot = _physics_world(phys, robot_urdf)
         shutil.rmtree(tmp)  # both files are parsed on load
         _SIM.update(p=p, phys=phys, bg=bg, bg_tray=tray, robot=robot, moving=[], data=data, meshes=meshes)
+        atexit.register(_disconnect, p, (bg, phys))
     return _SIM
+
+
+def _disconnect(p, clients):
+    """Close the simulator connections while pybullet is still loaded: left to BulletClient.__del__ at
+    interpreter shutdown, they print a TypeError from a half torn-down module."""
+    for c in clients:
+        if c._client >= 0:
+            p.disconnect(physicsClientId=c._client)
+            c._client = -1
 
 
 @contextlib.contextmanager

@@ -193,6 +193,13 @@ def test_experiment_set_runs_then_skips(sim_root, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "exp" / "annealing" / "compare.png")
     table = res["compare"]["table"]
     assert all(not math.isnan(r["test_psnr_mean"]) and r["notes"] == "" for r in table)
+    # The set's time: the runs' training epochs (metrics.csv) and tests (metrics.json), written and printed.
+    with open(tmp_path / "exp" / "annealing" / "timing.json") as f:
+        timing = json.load(f)
+    assert timing["runs"] == 2 and timing["train_seconds"] == pytest.approx(
+        sum(float(r["seconds"]) for d in res["runs"] for r in _metrics(d["run"])), abs=0.2)
+    assert 0 < timing["train_seconds"] + timing["test_seconds"] <= timing["wall_seconds_this_call"]
+    assert "[annealing] 2 runs; this call" in out
 
     mtimes = [os.path.getmtime(os.path.join(d["run"], "last.pth")) for d in res["runs"]]
     res2 = experiments.main(argv)
