@@ -30,7 +30,7 @@ import checkpoints
 import evaluation
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
 from kl_annealing import kl_weight_from_args, teacher_forcing_ratio_from_args
-from models import ARCH_KEYS, CVAE, PRIORS, fast
+from models import ARCH_KEYS, COND_CONVS, CVAE, PRIORS, fast
 from run_log import RunLog, run_name
 
 
@@ -76,6 +76,11 @@ def get_args_parser():
       help="condition per frame: action (4) + end-effector position (3), the action only, or none (action-free, as SVG)")
     g("--cond_embed_dim", type=int, default=32, help="size of the learned linear embedding of the condition")
     g("--base_channels", type=int, default=64, help="VGG width; 64 gives the sample's 64/128/256/512")
+    g("--cond_conv", default="none", choices=list(COND_CONVS),
+      help="the condition embedding of step t (the predictor's cond_{t-1}) also modulates the decoder's "
+           "convolutions: film = per-channel scale and shift after each BatchNorm (Perez et al. 2018), condconv = "
+           "per-example kernels mixed from --condconv_experts experts (Yang et al. 2019); needs a condition")
+    g("--condconv_experts", type=int, default=4, help="expert kernels per convolution with --cond_conv condconv")
     g = p.add_argument_group("data and logs").add_argument
     g("--data_root", default="./data/processed_data", help="root holding train/ validate/ test/ in the lab layout")
     g("--log_dir", default="./logs/fp", help="base directory; each run gets a sub-directory named by its settings")
@@ -115,7 +120,8 @@ def check_args(args, parser):
             e(f"--{name} {getattr(args, name)}: must be in [0, 1]")
     for name in ("niter", "epoch_size", "kl_anneal_cycle", "eval_every", "plot_every", "eval_batch_size",
                  "rnn_size", "g_dim", "z_dim", "base_channels", "cond_embed_dim",
-                 "predictor_rnn_layers", "posterior_rnn_layers", "prior_rnn_layers", "max_bad_steps"):
+                 "predictor_rnn_layers", "posterior_rnn_layers", "prior_rnn_layers", "max_bad_steps",
+                 "condconv_experts"):
         if getattr(args, name) < 1:
             e(f"--{name} {getattr(args, name)}: must be a positive integer")
     if args.batch_size < 2:
@@ -124,6 +130,9 @@ def check_args(args, parser):
         e(f"--lr {args.lr}: must be a positive number")
     if args.beta < 0 or args.free_bits < 0 or args.grad_clip < 0 or args.save_every < 0 or args.num_workers < 0 or args.tfr_start_decay_epoch < 0:
         e("--beta, --free_bits, --grad_clip, --save_every, --num_workers and --tfr_start_decay_epoch must be >= 0")
+    if args.cond_conv != "none" and args.cond == "none":
+        e(f"--cond_conv {args.cond_conv} modulates the decoder by the condition, and --cond none gives it none: "
+          f"use --cond_conv none, or a condition (--cond action_pos or action)")
     if args.cond_dim != sum(n for _, n in CONDITIONS[args.cond]):
         e(f"--cond {args.cond}: the run's saved condition size {args.cond_dim} does not match")
     if (args.cuda or args.device == "cuda") and not torch.cuda.is_available():
@@ -213,7 +222,8 @@ def resolve_args(parser, argv):
         parser.error(f"--model_dir {args.model_dir}: {e}")
     given = explicit_flags(parser, argv) - {"model_dir"}
     saved = ckpt["args"]
-    saved = {"prior": "fixed", "prior_rnn_layers": 1, "cond": "action_pos", **saved}  # runs from before these flags
+    saved = {"prior": "fixed", "prior_rnn_layers": 1, "cond": "action_pos", "cond_conv": "none", "condconv_experts": 4,
+             **saved}  # runs from before these flags
     clash = [k for k in ARCH_KEYS + ("n_past", "n_future", "cond") if k in given and getattr(args, k) != saved.get(k)]
     if clash:
         parser.error(f"--model_dir {args.model_dir}: {', '.join('--' + k for k in clash)} contradict the checkpoint "

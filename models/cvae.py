@@ -1,6 +1,8 @@
 """The action-conditioned stochastic video predictor: SVG (Denton & Fergus 2018) with a fixed prior
 N(0, I) (SVG-FP, the course's model) or a learned prior (SVG-LP, `prior="learned"`), plus a learned
 embedding of the robot's condition (action + end-effector position), or no condition (`cond_dim=0`).
+With `cond_conv` the condition embedding also modulates the decoder's convolutions (models/vgg_64.py:
+FiLM or CondConv); the default "none" is the model above, parameter for parameter.
 
 Two methods, both the recurrence of SVG Sec. 3 read one time step at a time:
   forward  -> training losses: teacher forcing (optional), z from the posterior q(z_t | x_{1:t});
@@ -14,36 +16,50 @@ import torch
 import torch.nn as nn
 
 from .lstm import gaussian_lstm, kl_divergence, lstm, reparameterize
-from .vgg_64 import vgg_decoder, vgg_encoder
+from .vgg_64 import COND_CONVS, CondConv2d, FiLM, vgg_decoder, vgg_encoder
 
 # Constructor arguments that define the architecture; they are saved in every checkpoint so that
 # test.py rebuilds the model without architecture flags.
 ARCH_KEYS = ("g_dim", "z_dim", "rnn_size", "predictor_rnn_layers", "posterior_rnn_layers", "cond_dim",
-             "cond_embed_dim", "base_channels", "last_frame_skip", "prior", "prior_rnn_layers")
+             "cond_embed_dim", "base_channels", "last_frame_skip", "prior", "prior_rnn_layers", "cond_conv",
+             "condconv_experts")
 PRIORS = ("fixed", "learned")
 
 
 def init_weights(m):
-    """N(0, 0.02) weights for conv/linear layers and N(1, 0.02) BatchNorm scales, zero biases (as SVG)."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    """N(0, 0.02) weights for conv/linear layers and N(1, 0.02) BatchNorm scales, zero biases (as SVG).
+    CondConv experts are N(0, 0.02) each (with routing weights near 1/2 their mix starts near the plain
+    scale); FiLM's map starts at zero, so a new FiLM model computes the unmodulated decoder's function
+    (apply visits a FiLM after its Linear)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, CondConv2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
-        nn.init.zeros_(m.bias)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
     elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
+    elif isinstance(m, FiLM):
+        nn.init.zeros_(m.proj.weight)
+        nn.init.zeros_(m.proj.bias)
 
 
 class CVAE(nn.Module):
     def __init__(self, g_dim=128, z_dim=64, rnn_size=256, predictor_rnn_layers=2, posterior_rnn_layers=1,
                  cond_dim=7, cond_embed_dim=32, base_channels=64, last_frame_skip=False, prior="fixed",
-                 prior_rnn_layers=1):
+                 prior_rnn_layers=1, cond_conv="none", condconv_experts=4):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior={prior!r}: expected one of {PRIORS}")
+        if cond_conv not in COND_CONVS:
+            raise ValueError(f"cond_conv={cond_conv!r}: expected one of {COND_CONVS}")
+        if cond_conv != "none" and not cond_dim:
+            raise ValueError(f"cond_conv={cond_conv!r} modulates the decoder by the condition, and there is none "
+                             f"(cond_dim=0, --cond none): use cond_conv='none'")
         self.g_dim, self.z_dim, self.cond_dim, self.last_frame_skip = g_dim, z_dim, cond_dim, last_frame_skip
-        self.encoder = vgg_encoder(g_dim, base_channels)
-        self.decoder = vgg_decoder(g_dim, base_channels)
         e = cond_embed_dim if cond_dim else 0
+        self.encoder = vgg_encoder(g_dim, base_channels)
+        # The decoder of step t sees the same embed(cond_{t-1}) as the predictor when cond_conv is not "none".
+        self.decoder = vgg_decoder(g_dim, base_channels, cond_conv=cond_conv, cond_dim=e, experts=condconv_experts)
         self.cond_embed = nn.Linear(cond_dim, cond_embed_dim) if cond_dim else None
         self.frame_predictor = lstm(g_dim + z_dim + e, g_dim, rnn_size, predictor_rnn_layers)
         self.posterior = gaussian_lstm(g_dim, z_dim, rnn_size, posterior_rnn_layers)
@@ -79,7 +95,7 @@ class CVAE(nn.Module):
             default; the same losses and gradients, tested.
 
         Step t = 1..T-1 predicts frame t from [h_{t-1}, z_t, embed(cond_{t-1})]: the condition that acts
-        between frames t-1 and t. Returns a dict: pred (B, T-1, C, H, W), frames 1..T-1; mse, the sum over
+        between frames t-1 and t (with cond_conv, the same embedding also modulates the decoder of step t). Returns a dict: pred (B, T-1, C, H, W), frames 1..T-1; mse, the sum over
         steps of the pixel-mean squared error; kld, the sum over steps of KL(q || p) summed over z and
         averaged over the batch; mse_per_step (T-1,); kl (T-1, z_dim), the KL per step and z dimension,
         averaged over the batch.
@@ -98,7 +114,7 @@ class CVAE(nn.Module):
             z, mu_q, logvar_q, state_q = self.posterior(h_t, state_q, noise[:, t - 1])  # z_t ~ q(z_t | x_{1:t})
             mu_p, logvar_p, state_p = self.prior_step(h, state_p)  # p(z_t | x_{1:t-1}); N(0, I) when fixed
             g, state_f = self.frame_predictor(torch.cat([h, z, c[:, t - 1]], 1), state_f)
-            x_hat = self.decoder(g, skips)  # (B, C, H, W)
+            x_hat = self.decoder(g, skips, c[:, t - 1])  # (B, C, H, W)
             preds.append(x_hat)
             kls.append(kl_divergence(mu_q, logvar_q, mu_p, logvar_p))  # (B, z_dim)
             if teacher_forcing or t < n_past:
@@ -140,7 +156,7 @@ class CVAE(nn.Module):
             if t < n_past:  # a given frame: the next input is the true one
                 h, skips = h_t, skips_t
                 continue
-            x_hat = self.decoder(g, skips)
+            x_hat = self.decoder(g, skips, c[:, t - 1])
             preds.append(x_hat)
             h, skips_in = self.encoder(x_hat)
             if self.last_frame_skip:

@@ -21,10 +21,17 @@ What each trick replaces, and what it bought (docs/performance.md has the measur
   predict            CVAE.predict with the given frames encoded in one call, skip terms once, and the
                      above; used by the evaluation, the GIFs and the planner.
 
+With cond_conv="condconv" the decoder's convolutions have per-example kernels (vgg_64.condconv2d, one
+grouped convolution); skip_terms, upsampled_conv and the Winograd paths do not apply to them, so those
+layers run in their plain form (the upsampled input concatenated with the skip), in every rollout here.
+Their BatchNorm still folds into the experts (inference_copy). FiLM follows the BatchNorm, so it changes
+none of the tricks.
+
     python -c "import models.fast as f; help(f.forward_batched)"
 """
 import copy
 import functools
+import itertools
 
 import torch
 import torch.nn as nn
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .lstm import kl_divergence, reparameterize
+from .vgg_64 import CondConv2d, vgg_layer
 
 # Inference convolutions through Winograd algorithms where that is faster (see conv3x3).
 # Set to False for the direct algorithm everywhere.
@@ -59,7 +67,7 @@ def forward_batched(model, frames, conds, n_past, noise=None):
     n_skip = steps if model.last_frame_skip else min(n_past, steps)
     terms = skip_terms(model.decoder, [s[:, :n_skip] for s in skips])  # each (B, n_skip, c, r, r)
     terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]
-    pred = decode(model.decoder, g, terms)  # (B, T-1, C, H, W)
+    pred = decode(model.decoder, g, terms, c)  # (B, T-1, C, H, W)
     return model.losses(frames, pred, kl_divergence(mu_q, logvar_q, mu_p, logvar_p))
 
 
@@ -84,7 +92,7 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
         g, state_f = model.frame_predictor(torch.cat([h, z[:, t - 1], c[:, t - 1]], 1), state_f)
         if terms is None or model.last_frame_skip or t - 1 < n_past:
             terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
-        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms])[:, 0]  # (B, C, H, W)
+        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t])[:, 0]  # (B, C, H, W)
         preds.append(x_hat)
         if t < n_past:
             h, skip_frame = h_gt[:, t], [s[:, t] for s in skips_gt]
@@ -120,7 +128,7 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False)
             continue
         if terms is None or model.last_frame_skip:
             terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
-        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms])[:, 0]  # (B, C, H, W)
+        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t])[:, 0]  # (B, C, H, W)
         preds.append(x_hat)
         if t < T - 1:  # the last prediction is not fed back
             h, skip_frame = encode(model.encoder, x_hat[:, None])
@@ -174,28 +182,55 @@ def skip_terms(decoder, skips):
     Sec. 3), so it is computed once per skip frame rather than once per step.
 
     skips: the encoder's four maps with any leading shape, (..., c_i, r_i, r_i). Returns four maps
-    (..., c_out_i, r_i, r_i), finest first.
+    (..., c_out_i, r_i, r_i), finest first. A CondConv2d's kernel depends on the step's condition, so for
+    its blocks the "term" is the skip itself, which decode concatenates as the plain form does.
     """
     terms = []
     for block, s in zip(decoder.blocks(), reversed(skips)):
         conv = block[0][0]
+        if isinstance(conv, CondConv2d):
+            terms.append(s)
+            continue
         flat = s.reshape(-1, *s.shape[-3:])  # (N, c, r, r)
         t = conv3x3(flat, conv.weight[:, conv.in_channels - flat.shape[1]:])  # (N, c_out, r, r)
         terms.append(t.reshape(*s.shape[:-3], *t.shape[1:]))
     return terms[::-1]
 
 
-def decode(decoder, g, terms):
+def decode(decoder, g, terms, c=None):
     """vgg_decoder on every step of a clip: g (B, T, dim), terms = skip_terms() of each step's skips
-    (B, T, ...) -> frames (B, T, C, H, W); BatchNorm statistics per time step in training."""
+    (B, T, ...), c the steps' condition embeddings (B, T, E) (used with cond_conv) -> frames
+    (B, T, C, H, W); BatchNorm statistics per time step in training."""
     B, T = g.shape[:2]
+    c = None if c is None else c.reshape(B * T, -1)  # batch-major rows, as g's
     d = run_per_step(decoder.upc1, g.reshape(B * T, -1, 1, 1), T)  # (B*T, 8b, 4, 4)
-    for block, t in zip(decoder.blocks(), reversed(terms)):  # 8x8, 16x16, 32x32, 64x64
-        conv, bn, act = block[0]
-        x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)  # the upsampled half of the conv
-        x = x.add_(t.reshape(B * T, *t.shape[2:]))  # + the skip half: conv of cat([up(d), skip])
-        d = run_per_step(block[1:], act(run_per_step(bn, x, T)), T)
+    for i, (block, t) in enumerate(zip(decoder.blocks(), reversed(terms))):  # 8x8, 16x16, 32x32, 64x64
+        films = iter(decoder.film[i]) if decoder.film is not None else itertools.repeat(None)
+        conv = block[0][0]
+        t = t.reshape(B * T, *t.shape[2:])
+        if isinstance(conv, CondConv2d):  # per-example kernels: the plain concatenation (module docstring)
+            x = conv(torch.cat([F.interpolate(d, scale_factor=2, mode="nearest"), t], 1), c)
+        else:
+            x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)  # the upsampled half of the conv
+            x = x.add_(t)  # + the skip half: conv of cat([up(d), skip])
+        d = _vgg_layer_rest(block[0], x, T, c, next(films))
+        for layer in block[1:]:
+            d = _vgg_layer_rest(layer, _conv(layer[0], d, T, c), T, c, next(films)) if isinstance(layer, vgg_layer) \
+                else run_per_step(layer, d, T)
     return d.reshape(B, T, *d.shape[1:])
+
+
+def _conv(conv, x, steps, c):
+    """A vgg_layer's convolution on rows x (B * steps, ...): a CondConv2d with the rows' conditions c, else
+    as run_per_step runs it."""
+    return conv(x, c) if isinstance(conv, CondConv2d) else run_per_step(conv, x, steps)
+
+
+def _vgg_layer_rest(layer, x, steps, c, film):
+    """The rest of a vgg_layer after its convolution's output x: BatchNorm per step, FiLM, LeakyReLU."""
+    _, bn, act = layer
+    x = run_per_step(bn, x, steps)
+    return act(x if film is None else film(x, c))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,6 +308,10 @@ def inference_copy(model):
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
                 transpose = isinstance(layer, nn.ConvTranspose2d)  # its weight is (c_in, c_out, k, k)
                 w, b = fuse_conv_bn_weights(layer.weight, layer.bias, *stats, transpose=transpose)
+            elif isinstance(layer, CondConv2d):  # the mix is linear in the experts: scale each expert alike
+                K, c_out = layer.weight.shape[:2]
+                w, b = fuse_conv_bn_weights(layer.weight.transpose(0, 1).reshape(c_out, -1, 3, 3), layer.bias, *stats)
+                w = nn.Parameter(w.view(c_out, K, -1, 3, 3).transpose(0, 1).contiguous())
             elif isinstance(layer, nn.Linear):
                 w, b = fuse_linear_bn_weights(layer.weight, layer.bias, *stats)
             else:

@@ -1,6 +1,7 @@
 """The plain model (shapes, KL, the recurrence's conditions) and every fast path against it: the batched
 rollout (losses, gradients, BatchNorm statistics), the inference rollout, skip terms, the upsampled
-convolution, Winograd, BatchNorm folding; both priors, with and without conditions."""
+convolution, Winograd, BatchNorm folding; both priors, with and without conditions, with the decoder
+modulated by the condition (FiLM, CondConv)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +10,12 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 import models.fast as fast
 from models import CVAE, gaussian_lstm, kl_divergence, lstm, vgg_decoder, vgg_encoder
 from models.fast import upsampled_conv, winograd_f4, winograd_f4_weight
+from models.vgg_64 import CondConv2d, FiLM, condconv2d
 
 VARIANTS = [dict(prior="fixed"), dict(prior="learned"), dict(prior="learned", cond_dim=0),
             dict(prior="fixed", last_frame_skip=True)]
+EXTRAS = [dict(cond_conv="film"), dict(cond_conv="condconv", condconv_experts=3, prior="learned")]
+VARIANTS += EXTRAS
 
 
 def test_module_shapes_and_clip_forms():
@@ -90,6 +94,36 @@ def test_winograd_inference_matches_direct(monkeypatch):
     assert len(calls) == n
 
 
+def test_condconv_with_one_expert_is_a_convolution():
+    """CondConv with K=1 and routing weight 1 is the plain convolution with that kernel; with K experts each
+    example gets its own mix, as separate convolutions would compute it; its BatchNorm folds into the experts."""
+    x = torch.randn(3, 5, 8, 8, dtype=torch.float64)
+    w, b = torch.randn(1, 7, 5, 3, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    torch.testing.assert_close(condconv2d(x, w, b, torch.ones(3, 1, dtype=torch.float64)),
+                               F.conv2d(x, w[0], b, padding=1), atol=1e-12, rtol=1e-12)
+    w, r = torch.randn(4, 7, 5, 3, 3, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    ref = torch.cat([F.conv2d(x[n:n + 1], torch.einsum("k,koihw->oihw", r[n], w), b, padding=1) for n in range(3)])
+    torch.testing.assert_close(condconv2d(x, w, b, r), ref, atol=1e-12, rtol=1e-12)
+    conv = CondConv2d(5, 7, 4, 6)
+    assert conv(torch.randn(3, 5, 8, 8), torch.randn(3, 6)).shape == (3, 7, 8, 8)
+
+
+def test_modulated_decoder_needs_a_condition_and_starts_as_the_plain_one():
+    with pytest.raises(ValueError, match="cond_conv='film'.*cond_dim=0"):
+        CVAE(cond_dim=0, cond_conv="film")
+    torch.manual_seed(0)
+    plain = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    film = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, cond_conv="film")
+    # The existing modules keep their parameter names and shapes; FiLM adds its own, initialised to zero.
+    shapes = {k: v.shape for k, v in film.state_dict().items()}
+    assert all(shapes[k] == v.shape for k, v in plain.state_dict().items())
+    assert {k.split(".")[1] for k in set(shapes) - set(plain.state_dict())} == {"film"}
+    film.load_state_dict(plain.state_dict(), strict=False)
+    x, c, noise = torch.rand(2, 5, 3, 64, 64), torch.randn(2, 5, 7), torch.randn(2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(film(x, c, 2, noise=noise)["pred"], plain(x, c, 2, noise=noise)["pred"])
+
+
 def test_kl_matches_torch_distributions():
     mu_q, logvar_q, mu_p, logvar_p = torch.randn(4, 6, 9).unbind(0)
     q = Normal(mu_q, (0.5 * logvar_q).exp())
@@ -104,6 +138,9 @@ def _model(**kw):
     torch.manual_seed(0)
     cfg = dict(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, **kw)
     m = CVAE(**cfg)
+    for mod in m.modules():  # FiLM starts as the identity: give it something to modulate
+        if isinstance(mod, FiLM):
+            torch.nn.init.normal_(mod.proj.weight, 0.0, 0.5)
     x = torch.rand(4, 8, 3, 64, 64)
     c = torch.randn(4, 8, 7) if m.cond_dim else None
     m.train()
@@ -149,7 +186,7 @@ def test_batched_rollout_trains_as_per_step(kw):
         torch.testing.assert_close(state_a[name], state_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("kw", VARIANTS[:3])
+@pytest.mark.parametrize("kw", VARIANTS[:3] + EXTRAS)
 def test_fed_back_training_rollout_matches_the_plain_one(kw):
     """Without teacher forcing: the same losses in training, and the same gradients. Gradients are compared
     with BatchNorm in eval mode: in training, the batch statistics of this untrained model's near-constant
