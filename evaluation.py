@@ -188,9 +188,10 @@ def latent_stats(model, dataset, n_past, n_future, device, batch_size=32):
     """How much the latent carries, on the first `batch_size` sequences of `dataset`: the KL(q || p) per
     time step (summed over z, averaged over the batch; eval mode, teacher forcing, posterior z from the
     graded noise) and the number of active dimensions, those whose KL averaged over the batch and the
-    steps exceeds 0.01 nats. kld_levels: each latent level's KL per time step (global z first; one level
-    without spatial latents), summed over its dimensions; kld is their sum, kld_per_step the global z's. This is the activity threshold of Burda et al. (2016, Sec. 5.2), applied to
-    each dimension's KL rather than to the variance of its posterior mean."""
+    steps exceeds 0.01 nats. This is the activity threshold of Burda et al. (2016, Sec. 5.2), applied to
+    each dimension's KL rather than to the variance of its posterior mean. kld_levels: each latent level's
+    KL per time step (global z first; one level without spatial latents), summed over its dimensions; kld
+    is their sum; kld_per_step and the active dimensions are the global z's."""
     frames, conds = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)))
     T = n_past + n_future
     frames, conds = frames[:, :T].to(device), conds[:, :T].to(device) if model.cond_dim else None

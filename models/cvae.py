@@ -101,11 +101,12 @@ class CVAE(nn.Module):
             default; the same losses and gradients, tested.
 
         Step t = 1..T-1 predicts frame t from [h_{t-1}, z_t, embed(cond_{t-1})]: the condition that acts
-        between frames t-1 and t (with cond_conv, the same embedding also modulates the decoder of step t). Returns a dict: pred (B, T-1, C, H, W), frames 1..T-1; mse, the sum over
-        steps of the pixel-mean squared error; kld, the sum over steps of KL(q || p) summed over z and
-        averaged over the batch; mse_per_step (T-1,); kl (T-1, z_dim), the KL per step and dimension of the
-        global z, averaged over the batch; kl_levels (latent_levels,), each level's KL summed over steps and
-        dimensions, averaged over the batch (global z first; kld is their sum).
+        between frames t-1 and t (with cond_conv the same embedding also modulates step t's decoder).
+        Returns a dict: pred (B, T-1, C, H, W), frames 1..T-1; mse, the sum over steps of the pixel-mean
+        squared error; kld, the sum over steps of KL(q || p) summed over z (and over the spatial levels)
+        and averaged over the batch; mse_per_step (T-1,); kl (T-1, z_dim), the global z's KL per step and
+        dimension, averaged over the batch; kl_levels (latent_levels,), each level's KL summed over steps
+        and dimensions, averaged over the batch, global z first (kld is their sum).
         """
         if batched:
             from . import fast
@@ -168,7 +169,8 @@ class CVAE(nn.Module):
                 h, skips = h_t, skips_t
                 continue
             # the spatial levels' z from their posteriors with posterior=True, else from their priors
-            x_hat, _ = self.decode(g, skips, c[:, t - 1], skips_t if posterior else None, [n[:, t - 1] for n in spatial])
+            targets = skips_t if posterior else None
+            x_hat, _ = self.decode(g, skips, c[:, t - 1], targets, [n[:, t - 1] for n in spatial])
             preds.append(x_hat)
             h, skips_in = self.encoder(x_hat)
             if self.last_frame_skip:

@@ -238,8 +238,10 @@ def decode(decoder, g, terms, c=None, targets=None, noise=()):
             x = x + decoder.z_inject[i](z)
         d = _vgg_layer_rest(block[0], x, T, c, next(films))
         for layer in block[1:]:
-            d = _vgg_layer_rest(layer, _conv(layer[0], d, T, c), T, c, next(films)) if isinstance(layer, vgg_layer) \
-                else run_per_step(layer, d, T)
+            if isinstance(layer, vgg_layer):
+                d = _vgg_layer_rest(layer, _conv(layer[0], d, T, c), T, c, next(films))
+            else:
+                d = run_per_step(layer, d, T)
     return d.reshape(B, T, *d.shape[1:]), stats
 
 
@@ -323,6 +325,8 @@ def inference_copy(model):
     for i, inject in enumerate(decoder.z_inject if decoder.levels > 1 else ()):
         # A spatial latent's share is added before block i's first BatchNorm: it is scaled alike.
         bn = decoder.blocks()[i][0][1]
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):  # folded already (a copy of a copy)
+            continue
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (c_out,)
         inject.weight = nn.Parameter(inject.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
     for seq in model.modules():

@@ -148,7 +148,9 @@ def _model(**kw):
     for _ in range(3):  # move BatchNorm running statistics away from their initial values
         m(x, c, 2, batched=True)
     noise = torch.randn(4, 7, 4)  # the global z's; with spatial levels, a list with theirs
-    return m.eval(), x, c, noise if m.latent_levels == 1 else [noise] + [torch.randn(4, 7, *s) for s in m.noise_shapes()[1:]]
+    if m.latent_levels > 1:
+        noise = [noise] + [torch.randn(4, 7, *s) for s in m.noise_shapes()[1:]]
+    return m.eval(), x, c, noise
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
