@@ -22,17 +22,23 @@ from models import fast
 from runtime import autocast
 
 
-def sequence_noise(indices, steps, z_dim, seed, device, sample=0):
+def sequence_noise(indices, steps, z_dim, seed, device, sample=0, spatial=()):
     """Standard normal z noise (B, steps, z_dim), a function of (seed, sequence index, sample) alone, so
-    scores do not depend on batch size, worker count or order. Sample 0 is the graded one."""
-    out = torch.empty(len(indices), steps, z_dim)
+    scores do not depend on batch size, worker count or order. Sample 0 is the graded one.
+
+    spatial: the spatial latent levels' shapes per step (CVAE.noise_shapes()[1:]); when given, the result
+    is the list [global (B, steps, z_dim), level 2 (B, steps, *shape), ...], each row's levels drawn from
+    the same stream after its global noise, so the global noise is the same as without them."""
+    out = [torch.empty(len(indices), steps, *shape) for shape in [(z_dim,), *spatial]]
     for row, idx in enumerate(indices):
         if sample == 0:
             s = int(seed) * 1_000_003 + int(idx)
         else:  # independent streams for every (seed, sequence, sample) triple
             s = int(np.random.SeedSequence([int(seed), int(idx), int(sample)]).generate_state(1, np.uint64)[0] >> 1)
-        out[row] = torch.randn(steps, z_dim, generator=torch.Generator().manual_seed(s))
-    return out.to(device)
+        g = torch.Generator().manual_seed(s)
+        for level in out:
+            level[row] = torch.randn(level.shape[1:], generator=g)
+    return [level.to(device) for level in out] if spatial else out[0].to(device)
 
 
 class CondPermuted(torch.utils.data.Dataset):
@@ -89,7 +95,8 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         gt, given = frames[:, n_past:], frames[:, :n_past]
         preds, batch_scores = [], {k: [] for k in scores}
         for k in range(n_samples):
-            noise = sequence_noise(range(offset, offset + B), steps, model.z_dim, seed, device, sample=k)
+            noise = sequence_noise(range(offset, offset + B), steps, model.z_dim, seed, device, sample=k,
+                                   spatial=model.noise_shapes()[1:])
             with autocast(device, amp):
                 pred = fast.predict(model, given, conds, n_past, n_future, noise)
             pred = pred.float().clamp(0, 1)  # (B, n_future, C, H, W): frames n_past..T-1
@@ -117,7 +124,8 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
                 if n_samples > 1:
                     clip["samples"] = samples[j].cpu()  # (N, n_future, C, H, W)
                     recon = fast.predict(model, frames[j: j + 1], None if conds is None else conds[j: j + 1], n_past,
-                                         n_future, sequence_noise([i], steps, model.z_dim, seed, device), posterior=True)
+                                         n_future, sequence_noise([i], steps, model.z_dim, seed, device,
+                                                                  spatial=model.noise_shapes()[1:]), posterior=True)
                     clip["posterior"] = recon[0].float().clamp(0, 1).cpu()
                 kept[i] = clip
         offset += B
@@ -181,14 +189,17 @@ def latent_stats(model, dataset, n_past, n_future, device, batch_size=32):
     time step (summed over z, averaged over the batch; eval mode, teacher forcing, posterior z from the
     graded noise) and the number of active dimensions, those whose KL averaged over the batch and the
     steps exceeds 0.01 nats. This is the activity threshold of Burda et al. (2016, Sec. 5.2), applied to
-    each dimension's KL rather than to the variance of its posterior mean."""
+    each dimension's KL rather than to the variance of its posterior mean. kld_levels: each latent level's
+    KL per time step (global z first; one level without spatial latents), summed over its dimensions; kld
+    is their sum; kld_per_step and the active dimensions are the global z's."""
     frames, conds = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)))
     T = n_past + n_future
     frames, conds = frames[:, :T].to(device), conds[:, :T].to(device) if model.cond_dim else None
     was_training = model.training
     model.eval()
-    noise = sequence_noise(range(frames.shape[0]), T - 1, model.z_dim, 0, device)
-    kl = model(frames, conds, n_past, noise=noise, batched=True)["kl"]  # (T-1, z_dim)
+    noise = sequence_noise(range(frames.shape[0]), T - 1, model.z_dim, 0, device, spatial=model.noise_shapes()[1:])
+    out = model(frames, conds, n_past, noise=noise, batched=True)
+    kl, levels = out["kl"], out["kl_levels"] / (T - 1)  # (T-1, z_dim); (levels,) per step
     model.train(was_training)
-    return {"kld": kl.sum(1).mean().item(), "kld_per_step": kl.sum(1).tolist(),
+    return {"kld": levels.sum().item(), "kld_per_step": kl.sum(1).tolist(), "kld_levels": levels.tolist(),
             "active_dims": int((kl.mean(0) > ACTIVE_NATS).sum())}

@@ -5,6 +5,7 @@ test each run, and compare them, in one command.
     python experiments.py annealing                       # monotonic vs cyclical KL annealing, 2 seeds each
     python experiments.py lr --seeds 3                    # seeds 1..3
     python experiments.py teacher_forcing --niter 4       # other flags (after the set name) go to training
+    python experiments.py extras                          # FiLM, CondConv, spatial latent levels vs the base
 
 Every configuration starts from demo.py's `demo` recipe (a CPU-sized model, 300 iterations) on the
 simulated data (generated into --data_root when absent, as demo.py does), adds the set's flags, then
@@ -68,6 +69,17 @@ SETS = {
         "configs": [
             ("prior=fixed", ["--beta", "1e-4"]),
             ("prior=learned", ["--prior", "learned", "--beta", "1e-4"]),
+        ]},
+    "extras": {
+        # At the base's beta 1 the KL drives every latent level towards its prior; `--beta 1e-4` after the
+        # set name compares the latent levels where they can carry information (docs/experiments.md).
+        "about": "the condition modulating the decoder (FiLM, CondConv) and spatial latent levels, against the base",
+        "configs": [
+            ("baseline", []),
+            ("cond_conv=film", ["--cond_conv", "film"]),
+            ("cond_conv=condconv", ["--cond_conv", "condconv"]),
+            ("latent_levels=2", ["--latent_levels", "2"]),
+            ("latent_levels=3", ["--latent_levels", "3"]),
         ]},
 }
 BASE = "demo"  # demo.RECIPES key every configuration starts from

@@ -96,7 +96,8 @@ def load_model(model_dir, checkpoint, device):
 
 def predict_frames(model, frames, conds, n_future, noise=None):
     """The model's prediction of n_future frames: frames (B, n_past, 3, 64, 64) in [0, 1], conds
-    (B, n_past + n_future, 7), noise (B, n_past + n_future - 1, z_dim) or None -> (B, n_future, 3, 64, 64).
+    (B, n_past + n_future, 7), noise (B, n_past + n_future - 1, z_dim), or a list with the spatial latent levels'
+    noise too (CVAE.noise_shapes), or None -> (B, n_future, 3, 64, 64).
     The one place that calls the model (models.fast.predict: CVAE.predict, faster)."""
     with torch.no_grad():
         return fast.predict(model, frames, conds, frames.shape[1], n_future, noise=noise)
@@ -301,17 +302,18 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             past = torch.from_numpy(np.stack(frames[-n_past:])).permute(0, 3, 1, 2).float().div(255).to(device)
             past_actions = np.stack(acts_hist[-(n_past - 1):]) if n_past > 1 else np.zeros((0, 4))
             past_ee = np.stack(ees[-n_past:])
-            z_dim = model.z_dim
 
             def cost(x, keep=None):
                 a, pos = to_actions(x, ee_xy, gripper, horizon)
                 c = torch.from_numpy(model_conds(past_actions, past_ee, a, pos, n_past, n_future)).float().to(device)
                 N = x.shape[0]
-                if args.noise == "zero":
-                    noise = torch.zeros(N, n_past + n_future - 1, z_dim, device=device)
+                steps = n_past + n_future - 1
+                if args.noise == "zero":  # every latent level at its prior's mode
+                    noise = [torch.zeros(N, steps, *shape, device=device) for shape in model.noise_shapes()]
                 else:  # one prior sample for every candidate: their costs differ by the actions only
-                    noise = torch.randn(1, n_past + n_future - 1, z_dim, generator=torch.Generator().manual_seed(
-                        int(rng.integers(2 ** 31)))).expand(N, -1, -1).to(device)
+                    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+                    noise = [torch.randn(1, steps, *shape, generator=gen).expand(N, *[-1] * (1 + len(shape))).to(device)
+                             for shape in model.noise_shapes()]
                 pred = predict_frames(model, past.expand(N, -1, -1, -1, -1), c, n_future, noise)
                 if keep is not None:
                     keep.append(pred)

@@ -10,12 +10,12 @@ import os
 import plots
 
 METRIC_FIELDS = ["epoch", "step", "loss", "mse", "kld", "beta", "tfr", "lr", "val_psnr", "seconds",
-                 "val_kld", "active_dims", "val_kld_per_step"]
+                 "val_kld", "active_dims", "val_kld_per_step", "kld_levels", "val_kld_levels"]
 
 
 def run_name(args):
-    """Run directory name as the course sample forms it; the additions (a learned prior, no conditions) are
-    appended only when used, so the course's configurations keep the course's names."""
+    """Run directory name as the course sample forms it; the additions (a learned prior, no conditions, spatial
+    latent levels, a modulated decoder) are appended only when used, so the course's configurations keep the course's names."""
     name = ("rnn_size=%d-predictor-posterior-rnn_layers=%d-%d-n_past=%d-n_future=%d-lr=%.4f-g_dim=%d-z_dim=%d"
             "-last_frame_skip=%s-beta=%.7f" % (args.rnn_size, args.predictor_rnn_layers, args.posterior_rnn_layers,
                                                 args.n_past, args.n_future, args.lr, args.g_dim, args.z_dim,
@@ -24,6 +24,12 @@ def run_name(args):
         name += f"-prior={args.prior}"
     if getattr(args, "cond", "action_pos") != "action_pos":
         name += f"-cond={args.cond}"
+    if getattr(args, "latent_levels", 1) != 1:
+        name += f"-latent_levels={args.latent_levels}"
+    if getattr(args, "cond_conv", "none") != "none":
+        name += f"-cond_conv={args.cond_conv}"
+        if args.cond_conv == "condconv" and args.condconv_experts != 4:
+            name += f"-experts={args.condconv_experts}"
     return name
 
 
@@ -93,6 +99,8 @@ class RunLog:
             self.scalars(row["step"], "val", {k: val[k] for k in ("psnr", "ssim", "kld", "active_dims")})
             for t, v in enumerate(val["kld_per_step"], 1):
                 self.writer.add_scalar(f"val_kld_per_step/t{t:02d}", v, row["step"])
+            for i, v in enumerate(val.get("kld_levels", ()), 1):  # each latent level's KL, global z first
+                self.writer.add_scalar(f"val/kld_level{i}", v, row["step"])
         print(line, flush=True)
         self.record(line)
         with open(self.metrics_path, "a") as f:

@@ -30,7 +30,7 @@ import checkpoints
 import evaluation
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
 from kl_annealing import kl_weight_from_args, teacher_forcing_ratio_from_args
-from models import ARCH_KEYS, CVAE, PRIORS, fast
+from models import ARCH_KEYS, COND_CONVS, CVAE, PRIORS, fast
 from run_log import RunLog, run_name
 
 
@@ -76,6 +76,15 @@ def get_args_parser():
       help="condition per frame: action (4) + end-effector position (3), the action only, or none (action-free, as SVG)")
     g("--cond_embed_dim", type=int, default=32, help="size of the learned linear embedding of the condition")
     g("--base_channels", type=int, default=64, help="VGG width; 64 gives the sample's 64/128/256/512")
+    g("--cond_conv", default="none", choices=list(COND_CONVS),
+      help="the condition embedding of step t (the predictor's cond_{t-1}) also modulates the decoder's "
+           "convolutions: film = per-channel scale and shift after each BatchNorm (Perez et al. 2018), condconv = "
+           "per-example kernels mixed from --condconv_experts experts (Yang et al. 2019); needs a condition")
+    g("--condconv_experts", type=int, default=4, help="expert kernels per convolution with --cond_conv condconv")
+    g("--latent_levels", type=int, default=1, choices=[1, 2, 3],
+      help="1: the global z alone (SVG); 2: also a spatial latent at 8x8; 3: also at 16x16. Each spatial level has "
+           "its own top-down posterior and prior (N(0, I), or a conv head with --prior learned); KL = sum over levels")
+    g("--z_spatial_dim", type=int, default=4, help="channels of each spatial latent level (with --latent_levels > 1)")
     g = p.add_argument_group("data and logs").add_argument
     g("--data_root", default="./data/processed_data", help="root holding train/ validate/ test/ in the lab layout")
     g("--log_dir", default="./logs/fp", help="base directory; each run gets a sub-directory named by its settings")
@@ -115,7 +124,8 @@ def check_args(args, parser):
             e(f"--{name} {getattr(args, name)}: must be in [0, 1]")
     for name in ("niter", "epoch_size", "kl_anneal_cycle", "eval_every", "plot_every", "eval_batch_size",
                  "rnn_size", "g_dim", "z_dim", "base_channels", "cond_embed_dim",
-                 "predictor_rnn_layers", "posterior_rnn_layers", "prior_rnn_layers", "max_bad_steps"):
+                 "predictor_rnn_layers", "posterior_rnn_layers", "prior_rnn_layers", "max_bad_steps",
+                 "condconv_experts", "z_spatial_dim"):
         if getattr(args, name) < 1:
             e(f"--{name} {getattr(args, name)}: must be a positive integer")
     if args.batch_size < 2:
@@ -124,6 +134,9 @@ def check_args(args, parser):
         e(f"--lr {args.lr}: must be a positive number")
     if args.beta < 0 or args.free_bits < 0 or args.grad_clip < 0 or args.save_every < 0 or args.num_workers < 0 or args.tfr_start_decay_epoch < 0:
         e("--beta, --free_bits, --grad_clip, --save_every, --num_workers and --tfr_start_decay_epoch must be >= 0")
+    if args.cond_conv != "none" and args.cond == "none":
+        e(f"--cond_conv {args.cond_conv} modulates the decoder by the condition, and --cond none gives it none: "
+          f"use --cond_conv none, or a condition (--cond action_pos or action)")
     if args.cond_dim != sum(n for _, n in CONDITIONS[args.cond]):
         e(f"--cond {args.cond}: the run's saved condition size {args.cond_dim} does not match")
     if (args.cuda or args.device == "cuda") and not torch.cuda.is_available():
@@ -213,7 +226,8 @@ def resolve_args(parser, argv):
         parser.error(f"--model_dir {args.model_dir}: {e}")
     given = explicit_flags(parser, argv) - {"model_dir"}
     saved = ckpt["args"]
-    saved = {"prior": "fixed", "prior_rnn_layers": 1, "cond": "action_pos", **saved}  # runs from before these flags
+    saved = {"prior": "fixed", "prior_rnn_layers": 1, "cond": "action_pos", "cond_conv": "none", "condconv_experts": 4,
+             "latent_levels": 1, "z_spatial_dim": 4, **saved}  # runs from before these flags
     clash = [k for k in ARCH_KEYS + ("n_past", "n_future", "cond") if k in given and getattr(args, k) != saved.get(k)]
     if clash:
         parser.error(f"--model_dir {args.model_dir}: {', '.join('--' + k for k in clash)} contradict the checkpoint "
@@ -224,9 +238,10 @@ def resolve_args(parser, argv):
 
 
 def kl_loss(out, free_bits):
-    """The KL term of the loss: out["kld"], or with free bits (Kingma et al. 2016, Eq. 15) every z
-    dimension's KL, per step and averaged over the batch, counted as at least `free_bits` nats."""
-    return out["kl"].clamp_min(free_bits).sum() if free_bits > 0 else out["kld"]
+    """The KL term of the loss: out["kld"], or with free bits (Kingma et al. 2016, Eq. 15) every global z
+    dimension's KL, per step and averaged over the batch, counted as at least `free_bits` nats; the spatial
+    latent levels' KL (out["kl_levels"][1:]) counts in full."""
+    return out["kl"].clamp_min(free_bits).sum() + out["kl_levels"][1:].sum() if free_bits > 0 else out["kld"]
 
 
 def load_data(args, world, main_proc):
@@ -327,10 +342,11 @@ def epoch_row(run, args, optimizer, val):
     sums, n = run.epoch_sums, max(run.epoch_sums["n"], 1)
     row = {"epoch": run.epoch, "step": run.step, "loss": sums["loss"] / n, "mse": sums["mse"] / n,
            "kld": sums["kld"] / n, "beta": kl_weight_from_args(max(run.step - 1, 0), args), "tfr": run.tfr,
-           "lr": optimizer.param_groups[0]["lr"], "seconds": sums["seconds"]}
+           "lr": optimizer.param_groups[0]["lr"], "seconds": sums["seconds"],
+           "kld_levels": [v / n for v in sums.get("kld_levels", [])]}
     if val is not None:
         row.update(val_psnr=val["psnr"], val_kld=val["kld"], active_dims=val["active_dims"],
-                   val_kld_per_step=val["kld_per_step"])
+                   val_kld_per_step=val["kld_per_step"], val_kld_levels=val["kld_levels"])
     return row
 
 
@@ -380,7 +396,8 @@ def main(argv=None):
     try:
         while run.epoch < args.niter:
             run.tfr = teacher_forcing_ratio_from_args(run.epoch, args)
-            sums = run.epoch_sums = run.epoch_sums or {"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0, "seconds": 0.0}
+            sums = run.epoch_sums = run.epoch_sums or {"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0, "seconds": 0.0,
+                                                        "kld_levels": []}
             t_start, bar = time.time(), range(run.epoch_it, args.epoch_size)
             if main_proc and not args.no_progress:
                 from tqdm import tqdm
@@ -413,13 +430,17 @@ def main(argv=None):
                     save(last_path)
                     sys.exit(f"error: {run.bad_run} consecutive non-finite steps (--max_bad_steps); the last good "
                              f"weights are in {last_path}. Try a lower --lr, --grad_clip or --amp off.")
+                kl_levels = out["kl_levels"].tolist()  # each latent level's KL, global z first
                 if not nonfinite:  # the sample logs per-step averages
                     for k, v in (("loss", loss), ("mse", out["mse"]), ("kld", out["kld"])):
                         sums[k] += v.item() / T
+                    sums["kld_levels"] = [a + v / T for a, v in zip(sums.get("kld_levels") or [0.0] * len(kl_levels),
+                                                                    kl_levels)]
                     sums["n"] += 1
                 if main_proc and run.step % 10 == 0:
                     log.scalars(run.step, "train", {"loss": loss.item(), "mse": out["mse"].item(), "kld": out["kld"].item(),
-                                                    "grad_norm": gnorm.item(), "beta": beta, "tfr": run.tfr})
+                                                    "grad_norm": gnorm.item(), "beta": beta, "tfr": run.tfr,
+                                                    **{f"kld_level{i + 1}": v for i, v in enumerate(kl_levels)}})
                 if main_proc and hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{out['mse'].item():.4f}", kld=f"{out['kld'].item():.3g}",
                                     active=active_dims, beta=f"{beta:.3g}", tfr=f"{run.tfr:.2f}")

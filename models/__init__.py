@@ -2,6 +2,7 @@
 composing them (cvae.py). fast.py holds exact-equivalent speed paths that a reader may skip."""
 from .cvae import ARCH_KEYS, CVAE, PRIORS
 from .lstm import gaussian_lstm, kl_divergence, lstm
-from .vgg_64 import vgg_decoder, vgg_encoder
+from .vgg_64 import COND_CONVS, vgg_decoder, vgg_encoder
 
-__all__ = ["CVAE", "ARCH_KEYS", "PRIORS", "lstm", "gaussian_lstm", "kl_divergence", "vgg_encoder", "vgg_decoder"]
+__all__ = ["CVAE", "ARCH_KEYS", "PRIORS", "COND_CONVS", "lstm", "gaussian_lstm", "kl_divergence", "vgg_encoder",
+           "vgg_decoder"]

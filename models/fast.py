@@ -21,10 +21,19 @@ What each trick replaces, and what it bought (docs/performance.md has the measur
   predict            CVAE.predict with the given frames encoded in one call, skip terms once, and the
                      above; used by the evaluation, the GIFs and the planner.
 
+With cond_conv="condconv" the decoder's convolutions have per-example kernels (vgg_64.condconv2d, one
+grouped convolution); skip_terms, upsampled_conv and the Winograd paths do not apply to them, so those
+layers run in their plain form (the upsampled input concatenated with the skip), in every rollout here.
+Their BatchNorm still folds into the experts (inference_copy). FiLM follows the BatchNorm, so it changes
+none of the tricks. The spatial latent levels (latent_levels > 1) have no BatchNorm in their heads and
+enter through a convolution added to a block's first one, so decode computes them on its (B*T) rows with
+every trick kept.
+
     python -c "import models.fast as f; help(f.forward_batched)"
 """
 import copy
 import functools
+import itertools
 
 import torch
 import torch.nn as nn
@@ -32,6 +41,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .lstm import kl_divergence, reparameterize
+from .vgg_64 import CondConv2d, vgg_layer
 
 # Inference convolutions through Winograd algorithms where that is faster (see conv3x3).
 # Set to False for the direct algorithm everywhere.
@@ -45,7 +55,7 @@ def forward_batched(model, frames, conds, n_past, noise=None):
     BatchNorm running statistics, with the encoder and decoder called once per clip."""
     B, T = frames.shape[:2]
     steps = T - 1
-    noise = torch.randn(B, steps, model.z_dim, device=frames.device) if noise is None else noise
+    noise, spatial = model.draw_noise(noise, B, T, frames.device)
     h, skips = encode(model.encoder, frames)  # (B, T, g), skips (B, T, c, r, r)
     mu_q, logvar_q = gaussian_lstm_sequence(model.posterior, h[:, 1:])  # q(z_t | x_{1:t}), t = 1..T-1
     z = reparameterize(mu_q, logvar_q, noise)
@@ -59,8 +69,14 @@ def forward_batched(model, frames, conds, n_past, noise=None):
     n_skip = steps if model.last_frame_skip else min(n_past, steps)
     terms = skip_terms(model.decoder, [s[:, :n_skip] for s in skips])  # each (B, n_skip, c, r, r)
     terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]
-    pred = decode(model.decoder, g, terms)  # (B, T-1, C, H, W)
-    return model.losses(frames, pred, kl_divergence(mu_q, logvar_q, mu_p, logvar_p))
+    # The spatial levels' posteriors see the true frames 1..T-1: step t's targets are frame t's skips.
+    pred, stats = decode(model.decoder, g, terms, c, [s[:, 1:] for s in skips], spatial)  # (B, T-1, C, H, W)
+    return model.losses(frames, pred, kl_divergence(mu_q, logvar_q, mu_p, logvar_p), _spatial_kl(stats))
+
+
+def _spatial_kl(stats):
+    """Each spatial level's KL(q || p) summed over its dimensions, (B, T) from decode's (B, T, ...) Gaussians."""
+    return [kl_divergence(*st).sum((2, 3, 4)) for st in stats]
 
 
 def forward_fed_back(model, frames, conds, n_past, noise=None):
@@ -69,14 +85,14 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
     predictions one at a time, skip terms once per skip frame, and the fast decoder. BatchNorm's running
     averages receive the same per-step updates, in another order (the true frames' first)."""
     B, T = frames.shape[:2]
-    noise = torch.randn(B, T - 1, model.z_dim, device=frames.device) if noise is None else noise
+    noise, spatial = model.draw_noise(noise, B, T, frames.device)
     h_gt, skips_gt = encode(model.encoder, frames)  # (B, T, g)
     mu_q, logvar_q = gaussian_lstm_sequence(model.posterior, h_gt[:, 1:])  # q(z_t | x_{1:t})
     z = reparameterize(mu_q, logvar_q, noise)
     c = model.embed_conditions(conds, B, T)
     h, skip_frame, terms = h_gt[:, 0], [s[:, 0] for s in skips_gt], None
     state_p = state_f = None
-    preds, mus_p, logvars_p = [], [], []
+    preds, mus_p, logvars_p, kls_spatial = [], [], [], []
     for t in range(1, T):
         mu_p, logvar_p, state_p = model.prior_step(h, state_p)
         mus_p.append(mu_p)
@@ -84,8 +100,11 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
         g, state_f = model.frame_predictor(torch.cat([h, z[:, t - 1], c[:, t - 1]], 1), state_f)
         if terms is None or model.last_frame_skip or t - 1 < n_past:
             terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
-        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms])[:, 0]  # (B, C, H, W)
+        x_hat, stats = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t],
+                              [s[:, t: t + 1] for s in skips_gt], [n[:, t - 1: t] for n in spatial])
+        x_hat = x_hat[:, 0]  # (B, C, H, W)
         preds.append(x_hat)
+        kls_spatial.append(_spatial_kl(stats))  # each level's (B, 1)
         if t < n_past:
             h, skip_frame = h_gt[:, t], [s[:, t] for s in skips_gt]
         elif t < T - 1:
@@ -94,7 +113,8 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
     mu_p = logvar_p = None
     if model.prior is not None:
         mu_p, logvar_p = torch.stack(mus_p, 1), torch.stack(logvars_p, 1)  # (B, T-1, z)
-    return model.losses(frames, torch.stack(preds, 1), kl_divergence(mu_q, logvar_q, mu_p, logvar_p))
+    kl_spatial = [torch.cat(k, 1) for k in zip(*kls_spatial)]  # each level's (B, T-1)
+    return model.losses(frames, torch.stack(preds, 1), kl_divergence(mu_q, logvar_q, mu_p, logvar_p), kl_spatial)
 
 
 def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False):
@@ -102,7 +122,7 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False)
     posterior=True) are encoded in one call and the skip terms computed once per skip frame. Run it on
     inference_copy(model) under torch.no_grad() for the Winograd convolutions and folded BatchNorm."""
     B, T = frames.shape[0], n_past + n_future
-    noise = torch.randn(B, T - 1, model.z_dim, device=frames.device) if noise is None else noise
+    noise, spatial = model.draw_noise(noise, B, T, frames.device)
     h_gt, skips_gt = encode(model.encoder, frames[:, : T if posterior else n_past])  # (B, n, g)
     c = model.embed_conditions(conds, B, T)
     h, skip_frame, terms = h_gt[:, 0], [s[:, 0] for s in skips_gt], None
@@ -120,7 +140,9 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False)
             continue
         if terms is None or model.last_frame_skip:
             terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
-        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms])[:, 0]  # (B, C, H, W)
+        targets = [s[:, t: t + 1] for s in skips_gt] if posterior else None  # the spatial levels' posterior or prior
+        x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t], targets,
+                       [n[:, t - 1: t] for n in spatial])[0][:, 0]  # (B, C, H, W)
         preds.append(x_hat)
         if t < T - 1:  # the last prediction is not fed back
             h, skip_frame = encode(model.encoder, x_hat[:, None])
@@ -174,28 +196,66 @@ def skip_terms(decoder, skips):
     Sec. 3), so it is computed once per skip frame rather than once per step.
 
     skips: the encoder's four maps with any leading shape, (..., c_i, r_i, r_i). Returns four maps
-    (..., c_out_i, r_i, r_i), finest first.
+    (..., c_out_i, r_i, r_i), finest first. A CondConv2d's kernel depends on the step's condition, so for
+    its blocks the "term" is the skip itself, which decode concatenates as the plain form does.
     """
     terms = []
     for block, s in zip(decoder.blocks(), reversed(skips)):
         conv = block[0][0]
+        if isinstance(conv, CondConv2d):
+            terms.append(s)
+            continue
         flat = s.reshape(-1, *s.shape[-3:])  # (N, c, r, r)
         t = conv3x3(flat, conv.weight[:, conv.in_channels - flat.shape[1]:])  # (N, c_out, r, r)
         terms.append(t.reshape(*s.shape[:-3], *t.shape[1:]))
     return terms[::-1]
 
 
-def decode(decoder, g, terms):
+def decode(decoder, g, terms, c=None, targets=None, noise=()):
     """vgg_decoder on every step of a clip: g (B, T, dim), terms = skip_terms() of each step's skips
-    (B, T, ...) -> frames (B, T, C, H, W); BatchNorm statistics per time step in training."""
+    (B, T, ...), c the steps' condition embeddings (B, T, E) (used with cond_conv); with spatial latent
+    levels, targets the true frames' skips (B, T, ...) for posterior z or None for prior z, and noise
+    [(B, T, zs, r, r) per level]. Returns frames (B, T, C, H, W) and the levels' (mu_q, logvar_q, mu_p,
+    logvar_p), each (B, T, zs, r, r) or None; BatchNorm statistics per time step in training."""
     B, T = g.shape[:2]
+    rows = lambda x: None if x is None else x.reshape(B * T, *x.shape[2:])  # batch-major rows, as g's
+    c = rows(c)
     d = run_per_step(decoder.upc1, g.reshape(B * T, -1, 1, 1), T)  # (B*T, 8b, 4, 4)
-    for block, t in zip(decoder.blocks(), reversed(terms)):  # 8x8, 16x16, 32x32, 64x64
-        conv, bn, act = block[0]
-        x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)  # the upsampled half of the conv
-        x = x.add_(t.reshape(B * T, *t.shape[2:]))  # + the skip half: conv of cat([up(d), skip])
-        d = run_per_step(block[1:], act(run_per_step(bn, x, T)), T)
-    return d.reshape(B, T, *d.shape[1:])
+    stats = []
+    for i, (block, t) in enumerate(zip(decoder.blocks(), reversed(terms))):  # 8x8, 16x16, 32x32, 64x64
+        films = iter(decoder.film[i]) if decoder.film is not None else itertools.repeat(None)
+        conv = block[0][0]
+        t = rows(t)
+        if isinstance(conv, CondConv2d):  # per-example kernels: the plain concatenation (module docstring)
+            x = conv(torch.cat([F.interpolate(d, scale_factor=2, mode="nearest"), t], 1), c)
+        else:
+            x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)  # the upsampled half of the conv
+            x = x.add_(t)  # + the skip half: conv of cat([up(d), skip])
+        if i < decoder.levels - 1:  # level i's z on the top-down features u = up(d), as vgg_decoder.forward
+            u = F.interpolate(d, scale_factor=2, mode="nearest")
+            z, st = decoder.latent(i, u, None if targets is None else rows(targets[-1 - i]), rows(noise[i]))
+            stats.append([None if s is None else s.reshape(B, T, *s.shape[1:]) for s in st])
+            x = x + decoder.z_inject[i](z)
+        d = _vgg_layer_rest(block[0], x, T, c, next(films))
+        for layer in block[1:]:
+            if isinstance(layer, vgg_layer):
+                d = _vgg_layer_rest(layer, _conv(layer[0], d, T, c), T, c, next(films))
+            else:
+                d = run_per_step(layer, d, T)
+    return d.reshape(B, T, *d.shape[1:]), stats
+
+
+def _conv(conv, x, steps, c):
+    """A vgg_layer's convolution on rows x (B * steps, ...): a CondConv2d with the rows' conditions c, else
+    as run_per_step runs it."""
+    return conv(x, c) if isinstance(conv, CondConv2d) else run_per_step(conv, x, steps)
+
+
+def _vgg_layer_rest(layer, x, steps, c, film):
+    """The rest of a vgg_layer after its convolution's output x: BatchNorm per step, FiLM, LeakyReLU."""
+    _, bn, act = layer
+    x = run_per_step(bn, x, steps)
+    return act(x if film is None else film(x, c))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,7 +311,8 @@ def batch_norm_per_step(bn, x, steps):
 
 def inference_copy(model):
     """A frozen eval-mode copy of `model` for inference, with every BatchNorm that follows a convolution or
-    linear layer in an nn.Sequential folded into that layer and replaced by nn.Identity.
+    linear layer in an nn.Sequential folded into that layer and replaced by nn.Identity (and into the
+    spatial latents' injection convolutions, added before a decoder block's first BatchNorm).
 
     In eval mode BatchNorm is y = gamma (x - mean) / sqrt(var + eps) + beta with fixed statistics, so
     W' = W gamma / sqrt(var + eps) and b' = (b - mean) gamma / sqrt(var + eps) + beta give the same map
@@ -260,6 +321,14 @@ def inference_copy(model):
     not modified. Same predictions up to rounding (tested).
     """
     model = copy.deepcopy(model).requires_grad_(False)
+    decoder = model.decoder
+    for i, inject in enumerate(decoder.z_inject if decoder.levels > 1 else ()):
+        # A spatial latent's share is added before block i's first BatchNorm: it is scaled alike.
+        bn = decoder.blocks()[i][0][1]
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):  # folded already (a copy of a copy)
+            continue
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (c_out,)
+        inject.weight = nn.Parameter(inject.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
     for seq in model.modules():
         if getattr(seq, "_compiled_call_impl", None) is not None:  # a Module.compile()d layer would compile
             seq._compiled_call_impl = None  # again for every copy: run the copy eagerly
@@ -273,6 +342,10 @@ def inference_copy(model):
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
                 transpose = isinstance(layer, nn.ConvTranspose2d)  # its weight is (c_in, c_out, k, k)
                 w, b = fuse_conv_bn_weights(layer.weight, layer.bias, *stats, transpose=transpose)
+            elif isinstance(layer, CondConv2d):  # the mix is linear in the experts: scale each expert alike
+                K, c_out = layer.weight.shape[:2]
+                w, b = fuse_conv_bn_weights(layer.weight.transpose(0, 1).reshape(c_out, -1, 3, 3), layer.bias, *stats)
+                w = nn.Parameter(w.view(c_out, K, -1, 3, 3).transpose(0, 1).contiguous())
             elif isinstance(layer, nn.Linear):
                 w, b = fuse_linear_bn_weights(layer.weight, layer.bias, *stats)
             else:

@@ -21,6 +21,12 @@ def test_sequence_noise_depends_on_seed_sequence_and_sample_only():
     # Sample 0 is the graded noise, a function of seed * 1_000_003 + sequence.
     g = torch.Generator().manual_seed(2 * 1_000_003 + 5)
     assert torch.equal(evaluation.sequence_noise([5], 11, 6, 2, "cpu")[0], torch.randn(11, 6, generator=g))
+    # With spatial latent levels: a list, the global noise unchanged, the levels per sequence as well.
+    spatial = [(2, 8, 8), (2, 16, 16)]
+    e = evaluation.sequence_noise([3, 4, 5], 11, 6, seed=2, device="cpu", sample=1, spatial=spatial)
+    f = evaluation.sequence_noise([5], 11, 6, seed=2, device="cpu", sample=1, spatial=spatial)
+    assert [n.shape for n in e] == [(3, 11, 6), (3, 11, 2, 8, 8), (3, 11, 2, 16, 16)]
+    assert torch.equal(e[0], a) and all(torch.equal(x[2], y[0]) for x, y in zip(e, f))
 
 
 def test_best_mean_worst_against_a_naive_loop():
@@ -44,12 +50,13 @@ def test_best_mean_worst_against_a_naive_loop():
         assert (got["best"] >= got["mean"] >= got["worst"]) == higher
 
 
-@pytest.mark.parametrize("prior", ["fixed", "learned"])
-def test_sampled_scores_do_not_depend_on_the_batch(sim_root, tmp_path, prior):
+@pytest.mark.parametrize("kw", [dict(prior="fixed"), dict(prior="learned"),
+                                dict(prior="learned", latent_levels=3, cond_conv="condconv")])
+def test_sampled_scores_do_not_depend_on_the_batch(sim_root, tmp_path, kw):
     args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=4, n_eval=0, cache_dir=str(tmp_path), quiet=True)
     ds = bair_robot_pushing_dataset(args, "test")
     torch.manual_seed(0)
-    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, prior=prior)
+    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, **kw)
     model.train()
     x, c = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     model(x[:, :6], c[:, :6], 2, batched=True)  # BatchNorm statistics that make samples differ visibly

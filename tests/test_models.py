@@ -1,6 +1,7 @@
 """The plain model (shapes, KL, the recurrence's conditions) and every fast path against it: the batched
 rollout (losses, gradients, BatchNorm statistics), the inference rollout, skip terms, the upsampled
-convolution, Winograd, BatchNorm folding; both priors, with and without conditions."""
+convolution, Winograd, BatchNorm folding; both priors, with and without conditions, with the decoder
+modulated by the condition (FiLM, CondConv) and with spatial latent levels."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +10,13 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 import models.fast as fast
 from models import CVAE, gaussian_lstm, kl_divergence, lstm, vgg_decoder, vgg_encoder
 from models.fast import upsampled_conv, winograd_f4, winograd_f4_weight
+from models.vgg_64 import CondConv2d, FiLM, condconv2d
 
 VARIANTS = [dict(prior="fixed"), dict(prior="learned"), dict(prior="learned", cond_dim=0),
             dict(prior="fixed", last_frame_skip=True)]
+EXTRAS = [dict(cond_conv="film"), dict(cond_conv="condconv", condconv_experts=3, prior="learned"),
+          dict(latent_levels=2), dict(latent_levels=3, prior="learned", cond_conv="film", z_spatial_dim=2)]
+VARIANTS += EXTRAS
 
 
 def test_module_shapes_and_clip_forms():
@@ -27,7 +32,7 @@ def test_module_shapes_and_clip_forms():
     enc.eval(), dec.eval()
     hc, skc = fast.encode(enc, x)
     assert hc.shape == (2, 5, 16) and all(s.shape[:2] == (2, 5) for s in skc)
-    yc = fast.decode(dec, hc, fast.skip_terms(dec, skc))
+    yc = fast.decode(dec, hc, fast.skip_terms(dec, skc))[0]
     for t in range(5):
         h, skips = enc(x[:, t])
         torch.testing.assert_close(hc[:, t], h)
@@ -90,6 +95,36 @@ def test_winograd_inference_matches_direct(monkeypatch):
     assert len(calls) == n
 
 
+def test_condconv_with_one_expert_is_a_convolution():
+    """CondConv with K=1 and routing weight 1 is the plain convolution with that kernel; with K experts each
+    example gets its own mix, as separate convolutions would compute it; its BatchNorm folds into the experts."""
+    x = torch.randn(3, 5, 8, 8, dtype=torch.float64)
+    w, b = torch.randn(1, 7, 5, 3, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    torch.testing.assert_close(condconv2d(x, w, b, torch.ones(3, 1, dtype=torch.float64)),
+                               F.conv2d(x, w[0], b, padding=1), atol=1e-12, rtol=1e-12)
+    w, r = torch.randn(4, 7, 5, 3, 3, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    ref = torch.cat([F.conv2d(x[n:n + 1], torch.einsum("k,koihw->oihw", r[n], w), b, padding=1) for n in range(3)])
+    torch.testing.assert_close(condconv2d(x, w, b, r), ref, atol=1e-12, rtol=1e-12)
+    conv = CondConv2d(5, 7, 4, 6)
+    assert conv(torch.randn(3, 5, 8, 8), torch.randn(3, 6)).shape == (3, 7, 8, 8)
+
+
+def test_modulated_decoder_needs_a_condition_and_starts_as_the_plain_one():
+    with pytest.raises(ValueError, match="cond_conv='film'.*cond_dim=0"):
+        CVAE(cond_dim=0, cond_conv="film")
+    torch.manual_seed(0)
+    plain = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    film = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, cond_conv="film")
+    # The existing modules keep their parameter names and shapes; FiLM adds its own, initialised to zero.
+    shapes = {k: v.shape for k, v in film.state_dict().items()}
+    assert all(shapes[k] == v.shape for k, v in plain.state_dict().items())
+    assert {k.split(".")[1] for k in set(shapes) - set(plain.state_dict())} == {"film"}
+    film.load_state_dict(plain.state_dict(), strict=False)
+    x, c, noise = torch.rand(2, 5, 3, 64, 64), torch.randn(2, 5, 7), torch.randn(2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(film(x, c, 2, noise=noise)["pred"], plain(x, c, 2, noise=noise)["pred"])
+
+
 def test_kl_matches_torch_distributions():
     mu_q, logvar_q, mu_p, logvar_p = torch.randn(4, 6, 9).unbind(0)
     q = Normal(mu_q, (0.5 * logvar_q).exp())
@@ -104,12 +139,18 @@ def _model(**kw):
     torch.manual_seed(0)
     cfg = dict(g_dim=16, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, **kw)
     m = CVAE(**cfg)
+    for mod in m.modules():  # FiLM starts as the identity: give it something to modulate
+        if isinstance(mod, FiLM):
+            torch.nn.init.normal_(mod.proj.weight, 0.0, 0.5)
     x = torch.rand(4, 8, 3, 64, 64)
     c = torch.randn(4, 8, 7) if m.cond_dim else None
     m.train()
     for _ in range(3):  # move BatchNorm running statistics away from their initial values
         m(x, c, 2, batched=True)
-    return m.eval(), x, c, torch.randn(4, 7, 4)
+    noise = torch.randn(4, 7, 4)  # the global z's; with spatial levels, a list with theirs
+    if m.latent_levels > 1:
+        noise = [noise] + [torch.randn(4, 7, *s) for s in m.noise_shapes()[1:]]
+    return m.eval(), x, c, noise
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
@@ -121,7 +162,9 @@ def test_fast_rollouts_match_the_plain_model(kw):
             b = m(x, c, 3, teacher_forcing=tf, noise=noise, batched=True)
             torch.testing.assert_close(b["pred"], a["pred"], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(b["kl"], a["kl"], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(b["kl_levels"], a["kl_levels"], atol=1e-5, rtol=1e-4)
             assert a["pred"].shape == (4, 7, 3, 64, 64) and a["kl"].shape == (7, 4)
+            assert a["kl_levels"].shape == (m.latent_levels,)
         copy = fast.inference_copy(m)
         for posterior in (False, True):
             p = m.predict(x, c, 3, 5, noise, posterior=posterior)
@@ -132,10 +175,14 @@ def test_fast_rollouts_match_the_plain_model(kw):
 
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_batched_rollout_trains_as_per_step(kw):
-    """In training, too: the same losses, gradients and BatchNorm running statistics."""
+    """In training, too: the same losses, gradients and BatchNorm running statistics. With spatial latent
+    levels in float64: their KL (nats at initialisation) makes the gradients of the biases before a
+    BatchNorm, zero in exact arithmetic, show float32 rounding (~1e-4) in either rollout."""
     results = []
     for batched in (True, False):
         m, x, c, noise = _model(**kw)
+        if m.latent_levels > 1:
+            m, x, c, noise = m.double(), x.double(), c.double(), [n.double() for n in noise]
         m.train()
         out = m(x, c, 2, teacher_forcing=True, noise=noise, batched=batched)
         (out["mse"] + out["kld"]).backward()
@@ -143,13 +190,14 @@ def test_batched_rollout_trains_as_per_step(kw):
     (a, grad_a, state_a), (b, grad_b, state_b) = results
     torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(a["kl"], b["kl"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a["kl_levels"], b["kl_levels"], atol=1e-5, rtol=1e-4)
     for name in grad_a:
         torch.testing.assert_close(grad_a[name], grad_b[name], atol=1e-5, rtol=1e-3, msg=name)
     for name in state_a:  # running means, variances and counts of every BatchNorm
         torch.testing.assert_close(state_a[name], state_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("kw", VARIANTS[:3])
+@pytest.mark.parametrize("kw", VARIANTS[:3] + EXTRAS)
 def test_fed_back_training_rollout_matches_the_plain_one(kw):
     """Without teacher forcing: the same losses in training, and the same gradients. Gradients are compared
     with BatchNorm in eval mode: in training, the batch statistics of this untrained model's near-constant
@@ -166,8 +214,50 @@ def test_fed_back_training_rollout_matches_the_plain_one(kw):
         (a, grad_a), (b, grad_b) = results
         torch.testing.assert_close(a["pred"], b["pred"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a["kl"], b["kl"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a["kl_levels"], b["kl_levels"], atol=1e-5, rtol=1e-4)
         for name in grad_a if not train else ():
             torch.testing.assert_close(grad_a[name], grad_b[name], atol=1e-6, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+def test_spatial_levels_kl_shapes_and_noise(prior, monkeypatch):
+    """Each latent level's KL is KL(q || p) of torch.distributions over that level's Gaussians (N(0, I) for
+    the fixed prior), summed over its dimensions and steps, averaged over the batch; kld sums the levels.
+    Predictions take every level from the prior, and are a function of the noise passed."""
+    m, x, c, noise = _model(latent_levels=3, prior=prior, z_spatial_dim=3)
+    assert m.noise_shapes() == [(4,), (3, 8, 8), (3, 16, 16)]
+    seen = {0: [], 1: []}
+    latent = m.decoder.latent
+
+    def spy(i, u, target=None, eps=None):
+        z, st = latent(i, u, target, eps)
+        seen[i].append(st)
+        return z, st
+
+    monkeypatch.setattr(m.decoder, "latent", spy)
+    with torch.no_grad():
+        out = m(x, c, 2, noise=noise)
+    ref = [out["kl"].sum()]
+    for i in (0, 1):
+        assert len(seen[i]) == 7 and all(st[0].shape == (4, 3, 8 * 2 ** i, 8 * 2 ** i) for st in seen[i])
+        kl = 0
+        for mu_q, logvar_q, mu_p, logvar_p in seen[i]:
+            p = Normal(0.0, 1.0) if mu_p is None else Normal(mu_p, (0.5 * logvar_p).exp())
+            kl = kl + torch_kl(Normal(mu_q, (0.5 * logvar_q).exp()), p).sum((1, 2, 3)).mean()
+        ref.append(kl)
+    torch.testing.assert_close(out["kl_levels"], torch.stack(ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["kld"], out["kl_levels"].sum())
+    monkeypatch.undo()
+    with torch.no_grad():
+        pred = m.predict(x, c, 2, 5, noise)
+        assert pred.shape == (4, 5, 3, 64, 64)
+        torch.testing.assert_close(fast.predict(m, x, c, 2, 5, noise), pred, atol=1e-5, rtol=1e-4)
+        assert not torch.equal(pred, m.predict(x, c, 2, 5, [noise[0], noise[1], -noise[2]]))  # the 16x16 level acts
+        torch.manual_seed(3)
+        a = m.predict(x, c, 2, 5, noise[0])  # the global noise alone: the spatial levels' is drawn
+        torch.manual_seed(3)
+        b = m.predict(x, c, 2, 5, noise[:1])
+        assert torch.equal(a, b) and not torch.equal(a, pred)
 
 
 def test_learned_prior_is_stepped_through_the_given_frames():

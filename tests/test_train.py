@@ -83,7 +83,8 @@ def _params(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_flags", [[], ["--prior", "learned", "--beta", "1e-3", "--free_bits", "0.05"]])
+@pytest.mark.parametrize("model_flags", [[], ["--prior", "learned", "--beta", "1e-3", "--free_bits", "0.05"],
+                                         ["--cond_conv", "condconv", "--latent_levels", "2", "--beta", "1e-3"]])
 def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
              "--tfr", "0.5", "--kl_anneal_cyclical", *model_flags]
@@ -133,6 +134,7 @@ def test_resume_refuses_contradicting_architecture(run_dir, capsys):
     (["--lr", "-1"], "--lr -1.0"),
     (["--data_root", "/nonexistent"], "--data_root /nonexistent: expected a 'train' directory"),
     (["--model_dir", "/nonexistent"], "--model_dir /nonexistent"),
+    (["--cond", "none", "--cond_conv", "film"], "--cond_conv film modulates the decoder by the condition, and --cond none"),
 ] + ([] if torch.cuda.is_available() else [(["--cuda"], "CUDA is not available"),
                                            (["--amp", "fp16"], "--amp fp16 needs CUDA")]))
 def test_bad_flags_are_named(sim_root, tmp_path, capsys, flags, message):
@@ -252,6 +254,24 @@ def test_action_free_learned_prior_end_to_end(sim_copy, tmp_path, capsys):
     with pytest.raises(SystemExit):
         test_script.main(["--model_dir", run, "--cond_mode", "shuffled"])
     assert "trained without conditions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_extras_train_log_and_rebuild_in_test_script(sim_root, tmp_path):
+    """The decoder modulated by the condition (FiLM, CondConv) and the spatial latent levels: a run of each
+    (teacher forced, and fed back) logs each level's KL, saves its architecture, and test.py rebuilds it."""
+    for cond_conv, levels, extra in (("film", 3, ["--prior", "learned"]),
+                                     ("condconv", 2, ["--condconv_experts", "2", "--tfr", "0"])):
+        run = _train(sim_root, tmp_path / cond_conv, "--niter", "1", "--epoch_size", "2", "--plot_every", "9",
+                     "--cond_conv", cond_conv, "--latent_levels", str(levels), *extra)
+        assert f"-latent_levels={levels}-cond_conv={cond_conv}" in run
+        arch = checkpoints.load_checkpoint(os.path.join(run, "model.pth"))["arch"]
+        assert arch["cond_conv"] == cond_conv and arch["latent_levels"] == levels and arch["z_spatial_dim"] == 4
+        row = run_log.read_metrics(os.path.join(run, "metrics.csv"))[-1]
+        assert len(row["kld_levels"]) == len(row["val_kld_levels"]) == levels
+        assert row["val_kld"] == pytest.approx(sum(row["val_kld_levels"]), rel=1e-4)
+        m = test_script.main(["--model_dir", run, "--out", str(tmp_path / cond_conv / "t")])
+        assert m["n_sequences"] == 5 and 5 < m["psnr"] < 100
 
 
 def test_amp_auto_resolution(monkeypatch):
