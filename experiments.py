@@ -15,7 +15,9 @@ test.py (real and shuffled conditions), and the set ends with compare.py. Runs l
 and the comparison in <log_dir>/<set>/compare.{png,md,csv}.
 
 Re-running the same command skips finished runs (last.pth at epoch == --niter and both tests written),
-resumes interrupted ones (train_fixed_prior.py --model_dir RUN) and tests runs that lack a test.
+resumes interrupted ones (train_fixed_prior.py --model_dir RUN) and tests runs that lack a test. A
+configuration that another set has already trained with the same flags and seed (the sets share their
+base) is linked from there instead of trained again.
 """
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
@@ -130,6 +132,33 @@ def find_run(seed_dir):
     return found[0] if found else None
 
 
+# Flags that change nothing a run computes (where it reads and writes, how fast it loads, what it prints).
+# Two runs whose other flags, seed and data included, are equal are the same run.
+SAME_RUN_IGNORES = {"log_dir", "model_dir", "cache_dir", "num_workers", "no_progress", "eval_batch_size",
+                    "plot_every", "save_every", "no_cache"}
+
+
+def finished_twin(log_dir, set_dir, train_argv, niter):
+    """A finished run of another set under log_dir trained with the same flags as train_argv (the flags in
+    SAME_RUN_IGNORES aside): several sets share their base configuration, which need not train twice.
+    Returns its directory, or None."""
+    want = {k: v for k, v in vars(train.get_args_parser().parse_args(train_argv)).items() if k not in SAME_RUN_IGNORES}
+    pattern = os.path.join(glob.escape(log_dir), "*", "*", "seed*", "*", "train_record.txt")
+    for record in sorted(glob.glob(pattern)):
+        run = os.path.dirname(record)
+        if os.path.islink(os.path.dirname(run)) or os.path.islink(run) or run.startswith(set_dir + os.sep):
+            continue
+        try:
+            saved, _ = compare.read_record(record)
+        except compare.NotARun:
+            continue
+        last = os.path.join(run, "last.pth")
+        if all(saved.get(k) == v for k, v in want.items()) and os.path.isfile(last) and \
+                torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= niter:
+            return run
+    return None
+
+
 def tests_needed(run):
     """Test modes whose metrics.json is missing or older than the checkpoint it scores."""
     best = os.path.join(run, "model.pth")
@@ -183,8 +212,15 @@ def main(argv=None):
                                                    "--seed", str(seed)] + extra
         niter = int(_flag_value(argv_train, "--niter"))
         run = find_run(seed_dir)
-        epoch = torch.load(os.path.join(run, "last.pth"), map_location="cpu", weights_only=True)["epoch"] if run else 0
         what = []
+        if run is None:
+            twin = finished_twin(args.log_dir, set_dir, argv_train, niter)
+            if twin is not None:  # linked, so the set's directory holds every run and the next call finds it
+                os.makedirs(seed_dir, exist_ok=True)
+                run = os.path.join(seed_dir, os.path.basename(twin))
+                os.symlink(os.path.relpath(twin, seed_dir), run, target_is_directory=True)
+                what.append(f"the same run as {os.path.relpath(twin, args.log_dir)} (linked, not retrained)")
+        epoch = torch.load(os.path.join(run, "last.pth"), map_location="cpu", weights_only=True)["epoch"] if run else 0
         if run is None or epoch < niter:
             if run is not None:
                 what.append(f"resumed at epoch {epoch}")
@@ -196,9 +232,9 @@ def main(argv=None):
         need = tests_needed(run)
         for mode in need:
             test_script.main(["--model_dir", run, "--cond_mode", mode] + test_extra)
-        if not what and run is not None and epoch >= niter and not need:
+        if epoch >= niter and not need and not what:
             what.append("skipped (finished)")
-        elif not any(w.startswith("resumed") for w in what) and epoch >= niter:
+        elif epoch >= niter and need and not any(w.startswith("resumed") for w in what):
             what.append("tested only (training was finished)")
         rows = read_metrics(os.path.join(run, "metrics.csv"))
         trained = sum(r.get("seconds", 0.0) for r in rows if r.get("seconds") == r.get("seconds"))

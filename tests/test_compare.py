@@ -209,6 +209,17 @@ def test_experiment_set_runs_then_skips(sim_root, tmp_path, capsys):
     assert [os.path.getmtime(os.path.join(d["run"], "last.pth")) for d in res2["runs"]] == mtimes
     assert [r["test_psnr_mean"] for r in res2["compare"]["table"]] == [r["test_psnr_mean"] for r in table]
 
+    # Another set sharing the base configuration: lr=0.002 is annealing's kl_anneal_cyclical=False run
+    # (the same flags and seed), linked rather than trained again; lr=0.01 trains.
+    res_lr = experiments.main(["lr", *argv[1:]])
+    out = capsys.readouterr().out
+    base_run, new_run = res_lr["runs"][0]["run"], res_lr["runs"][1]["run"]
+    assert os.path.islink(base_run) and os.path.realpath(base_run) == os.path.realpath(res["runs"][0]["run"])
+    assert "lr=0.002 seed=1: the same run as annealing" in out
+    assert os.path.getmtime(os.path.join(res["runs"][0]["run"], "last.pth")) == mtimes[0]
+    assert not os.path.islink(new_run) and os.path.isfile(os.path.join(new_run, "test", "metrics.json"))
+    assert experiments.main(["lr", *argv[1:]])["runs"][0]["status"] == "skipped (finished)"
+
     # A longer --niter: each run resumes from its last.pth (not a fresh start) and ends at the new length.
     res3 = experiments.main(argv + ["--niter", "3"])
     assert "[annealing 1/2] kl_anneal_cyclical=False seed=1: resumed at epoch 2" in capsys.readouterr().out
