@@ -93,7 +93,10 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         if cond_mode == "zero" and conds is not None:
             conds = model.cond_mean.expand_as(conds)  # the embedding sees zeros after standardisation
         gt, given = frames[:, n_past:], frames[:, :n_past]
-        preds, batch_scores = [], {k: [] for k in scores}
+        preds, pred_feats, batch_scores = [], [], {k: [] for k in scores}
+        # LPIPS features of every image once: the ground truth's for all samples, each sample's for its
+        # distance to the ground truth and to the other samples (SAVP's diversity).
+        gt_feats = lpips.feature_maps(gt.flatten(0, 1)) if lpips is not None else None
         for k in range(n_samples):
             noise = sequence_noise(range(offset, offset + B), steps, model.z_dim, seed, device, sample=k,
                                    spatial=model.noise_shapes()[1:])
@@ -104,7 +107,10 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             batch_scores["psnr"].append(p.cpu())
             batch_scores["ssim"].append(s.cpu())
             if lpips is not None:
-                batch_scores["lpips"].append(lpips(gt.flatten(0, 1), pred.flatten(0, 1)).view(B, n_future).double().cpu())
+                feats = lpips.feature_maps(pred.flatten(0, 1))  # each layer (B * n_future, c, h, w)
+                batch_scores["lpips"].append(lpips.distance_from_features(gt_feats, feats).view(B, n_future).double().cpu())
+                if n_samples > 1:
+                    pred_feats.append([f.view(B, n_future, *f.shape[1:]) for f in feats])
             if n_samples > 1:
                 preds.append(pred)
         for key, v in batch_scores.items():
@@ -115,7 +121,7 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             samples = torch.stack(preds, 1)  # (B, N, n_future, C, H, W)
             pixel_std.append(samples.std(1).mean(dim=(1, 2, 3, 4)).double().cpu())  # (B,)
             if lpips is not None:
-                pairwise.append(_pairwise_lpips(lpips, samples).cpu())
+                pairwise.append(_pairwise_lpips(lpips, pred_feats).cpu())
         for i in keep:
             if offset <= i < offset + B:
                 j = i - offset
@@ -170,13 +176,11 @@ def summarize_samples(values, higher_is_better=True):
     return out
 
 
-def _pairwise_lpips(lpips, samples):
-    """Mean LPIPS over all pairs of samples and the predicted frames, per sequence: samples (B, N, T, C, H, W) -> (B,)."""
-    B, N, T = samples.shape[:3]
-    feats = lpips.feature_maps(samples.flatten(0, 2))  # each layer (B*N*T, c, h, w), unit-normalised
-    feats = [f.view(B, N, T, *f.shape[1:]) for f in feats]
-    dists = [lpips.distance_from_features([f[:, i] for f in feats], [f[:, j] for f in feats])  # (B, T)
-             for i, j in itertools.combinations(range(N), 2)]
+def _pairwise_lpips(lpips, feats):
+    """Mean LPIPS over all pairs of samples and the predicted frames, per sequence: feats, per sample, the
+    lpips.feature_maps of its frames, each layer (B, T, c, h, w) -> (B,)."""
+    dists = [lpips.distance_from_features(feats[i], feats[j])  # (B, T)
+             for i, j in itertools.combinations(range(len(feats)), 2)]
     return torch.stack(dists).mean(dim=(0, 2)).double()
 
 

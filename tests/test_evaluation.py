@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluation
+import lpips_torch
 from dataset import bair_robot_pushing_dataset
 from models import CVAE
 
@@ -73,3 +74,28 @@ def test_sampled_scores_do_not_depend_on_the_batch(sim_root, tmp_path, kw):
     torch.testing.assert_close(runs[0]["clips"][1]["samples"], runs[1]["clips"][1]["samples"], atol=1e-6, rtol=0)
     s = runs[0]["samples"]["psnr"]
     assert s["best"] >= s["mean"] >= s["worst"]
+
+
+def test_lpips_scores_and_diversity_against_a_naive_loop(sim_root, tmp_path):
+    lpips = lpips_torch.load_lpips("cpu")
+    args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=4, n_eval=0, cache_dir=str(tmp_path), quiet=True)
+    ds = bair_robot_pushing_dataset(args, "test")
+    torch.manual_seed(0)
+    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4, prior="learned")
+    x, c = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    model(x[:, :6], c[:, :6], 2, batched=True)  # BatchNorm statistics that make samples differ visibly
+    n = len(ds)
+    res = evaluation.evaluate(model, ds, 2, 4, torch.device("cpu"), batch_size=3, n_samples=3, lpips=lpips,
+                              keep=range(n))
+    to_gt, pairs = [], []
+    with torch.no_grad():
+        for i in range(n):
+            gt, samples = res["clips"][i]["gt"][2:6], res["clips"][i]["samples"]  # (4, C, H, W), (3, 4, C, H, W)
+            to_gt.append(torch.stack([lpips(gt, s) for s in samples]))  # (3, 4)
+            pairs.append(torch.stack([lpips(samples[a], samples[b]) for a in range(3) for b in range(a + 1, 3)]).mean())
+    naive = evaluation.summarize_samples(torch.stack(to_gt).double(), higher_is_better=False)
+    for key in ("best", "mean", "worst"):
+        assert res["samples"]["lpips"][key] == pytest.approx(naive[key], abs=1e-6), key
+    assert res["lpips"] == pytest.approx(torch.stack(to_gt)[:, 0].mean().item(), abs=1e-6)
+    assert res["samples"]["diversity_lpips"] == pytest.approx(torch.stack(pairs).mean().item(), abs=1e-6)
+    assert res["samples"]["diversity_lpips"] > 0
