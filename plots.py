@@ -115,7 +115,7 @@ def save_sample_grid(path_stem, clip, n_past, n_random=3, seed=0, scale=2):
     best = int(batch_psnr(gt[n_past:].expand_as(samples), samples).mean(1).argmax())
     others = [i for i in range(samples.shape[0]) if i != best]
     pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:n_random].tolist()
-    rows = [("ground truth", gt), ("posterior", torch.cat([given, clip["posterior"]])),
+    rows = [("truth", gt), ("posterior", torch.cat([given, clip["posterior"]])),
             (f"best of {samples.shape[0]} (PSNR)", torch.cat([given, samples[best]]))]
     rows += [(f"sample {others[i]}", torch.cat([given, samples[others[i]]])) for i in pick]
     imgs = [(name, _to_uint8(frames)) for name, frames in rows]  # each (T, H, W, 3)
