@@ -26,18 +26,25 @@ def _save_figure(fig, path, dpi=90):
 
 def plot_curves(rows, path):
     """The four curves the course asks for (KL loss, MSE, validation PSNR, and tfr with the KL weight), the
-    number of active latent dimensions beside the KL, and the KL per time step at the last validation."""
+    number of active latent dimensions beside the KL (and each latent level's KL with --latent_levels > 1),
+    and the KL per time step at the last validation."""
     plt = _pyplot()
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
     axes[0].plot(ep, [r["kld"] for r in rows], color="tab:purple", label="KL (train)")
     axes[0].set(title="KL loss (per step)", xlabel="epoch", ylabel="nats")
+    levels = [r.get("kld_levels") for r in rows]  # with --latent_levels > 1: each level's KL, global z first
+    if levels and all(isinstance(lv, list) and len(lv) == len(levels[0]) > 1 for lv in levels):
+        for i in range(len(levels[0])):
+            axes[0].plot(ep, [lv[i] for lv in levels], ":", label="global z" if i == 0 else f"level {i + 1}")
     active = [(r["epoch"], r.get("active_dims", math.nan)) for r in rows if not math.isnan(r.get("active_dims", math.nan))]
     if active:
         ax = axes[0].twinx()
         ax.plot([a[0] for a in active], [a[1] for a in active], "s--", color="tab:gray", label="active dims (val)")
         ax.set(ylabel="active latent dims", ylim=(-0.5, max(a[1] for a in active) + 1.5))
         axes[0].legend(handles=axes[0].get_lines() + ax.get_lines(), loc="upper right", fontsize=8)
+    elif len(axes[0].get_lines()) > 1:
+        axes[0].legend(loc="upper right", fontsize=8)
     axes[1].plot(ep, [r["mse"] for r in rows], color="tab:blue")
     axes[1].set(title="MSE (per step)", xlabel="epoch", yscale="log")
     val = [(r["epoch"], r["val_psnr"]) for r in rows if not math.isnan(r["val_psnr"])]
