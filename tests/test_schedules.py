@@ -45,3 +45,19 @@ def test_schedules_depend_on_counters_only():
         resumed.append(tfr)
         tfr = max(tfr - 0.07, 0.1)
     assert resumed == pytest.approx(uninterrupted[6:]) and resumed[0] < 1.0
+
+
+def test_recipes_are_valid_flag_sets(sim_root):
+    """demo.py's recipes and experiments.py's sets: flags train_fixed_prior.py knows, with valid values."""
+    import demo
+    import experiments
+    import train_fixed_prior as train
+    parser = train.get_args_parser()
+    flag_sets = [list(r) for r in demo.RECIPES.values()]
+    flag_sets += [demo.RECIPES[experiments.BASE] + flags for s in experiments.SETS.values() for _, flags in s["configs"]]
+    for flags in flag_sets:
+        _, unknown = parser.parse_known_args(flags)
+        assert unknown == [], (flags, unknown)
+        args, _, _ = train.resolve_args(parser, flags + ["--data_root", sim_root])
+        train.check_args(args, parser)  # parser.error would exit
+    assert demo.RECIPES["demo"] != demo.RECIPES["long"]
