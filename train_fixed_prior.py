@@ -322,6 +322,22 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def train_loader(train_ds, args, step, world, rank, device):
+    """This rank's batches of one global stream, from `step` on: the data order is a function of (seed, step)."""
+    sampler = StreamBatchSampler(len(train_ds), args.batch_size, args.seed, step, world, rank)
+    return DataLoader(train_ds, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=args.num_workers > 0,
+                      generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
+
+
+def accumulate(sums, loss, out, kl_levels, T):
+    """Add a finite step to the epoch's sums; the sample logs per-frame averages (each term divided by T)."""
+    for k, v in (("loss", loss), ("mse", out["mse"]), ("kld", out["kld"])):
+        sums[k] += v.item() / T
+    sums["kld_levels"] = [a + v / T for a, v in zip(sums.get("kld_levels") or [0.0] * len(kl_levels), kl_levels)]
+    sums["n"] += 1
+
+
 def validate(model, val_ds, args, device, epoch):
     """Every --eval_every epochs: the graded protocol on the whole validation split and the latent's KL
     statistics; every --plot_every epochs, the first validation sequence's prediction. (None, None) otherwise."""
@@ -384,10 +400,7 @@ def main(argv=None):
         parser.error(f"{run_dir} already holds a run: resume it with --model_dir {run_dir}, or choose another "
                      f"--log_dir (nothing was overwritten)")
     log = RunLog(run_dir, args, run.epoch, run.step, resume and resume[0], overrides) if main_proc else None
-    sampler = StreamBatchSampler(len(train_ds), args.batch_size, args.seed, run.step, world, rank)
-    batches = iter(DataLoader(train_ds, batch_sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-                              generator=torch.Generator().manual_seed(args.seed)))  # keeps the global RNG untouched
+    batches = iter(train_loader(train_ds, args, run.step, world, rank, device))
     if resume is not None:
         checkpoints.set_rng_state(resume[1]["rng"][rank] if rank < len(resume[1]["rng"]) else resume[1]["rng"][0])
     save = lambda path, collective=True: save_checkpoint(path, model, optimizer, scaler, args, run, world, collective)
@@ -431,12 +444,8 @@ def main(argv=None):
                     sys.exit(f"error: {run.bad_run} consecutive non-finite steps (--max_bad_steps); the last good "
                              f"weights are in {last_path}. Try a lower --lr, --grad_clip or --amp off.")
                 kl_levels = out["kl_levels"].tolist()  # each latent level's KL, global z first
-                if not nonfinite:  # the sample logs per-step averages
-                    for k, v in (("loss", loss), ("mse", out["mse"]), ("kld", out["kld"])):
-                        sums[k] += v.item() / T
-                    sums["kld_levels"] = [a + v / T for a, v in zip(sums.get("kld_levels") or [0.0] * len(kl_levels),
-                                                                    kl_levels)]
-                    sums["n"] += 1
+                if not nonfinite:
+                    accumulate(sums, loss, out, kl_levels, T)
                 if main_proc and run.step % 10 == 0:
                     log.scalars(run.step, "train", {"loss": loss.item(), "mse": out["mse"].item(), "kld": out["kld"].item(),
                                                     "grad_norm": gnorm.item(), "beta": beta, "tfr": run.tfr,
