@@ -48,7 +48,7 @@ def test_finn_eval_seq_matches_reference():
             assert np.isclose(mse[i, t], np.mean((gt[t, i] - pred[t, i]) ** 2))
 
 
-@pytest.mark.parametrize("chunk,compiled", [(128, False), (7, False), (7, True)])  # one pass; a ragged last one
+@pytest.mark.parametrize("chunk,compiled", [(128, False), (7, False), pytest.param(7, True, marks=pytest.mark.slow)])  # one pass; a ragged last one
 def test_batched_metrics_equal_finn_eval_seq(chunk, compiled, monkeypatch):
     monkeypatch.setattr(metrics, "SSIM_CHUNK", chunk)
     gt, pred = _pair(T=4, B=3, size=64)
