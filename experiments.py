@@ -24,13 +24,13 @@ import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch l
 import argparse
 import os
 import glob
-import json
 import sys
 import time
 
 import torch
 
 import compare
+from checkpoints import write_json
 from run_log import read_metrics
 import demo
 import make_sim_dataset
@@ -132,10 +132,14 @@ def find_run(seed_dir):
     return found[0] if found else None
 
 
-# Flags that change nothing a run computes (where it reads and writes, how fast it loads, what it prints).
-# Two runs whose other flags, seed and data included, are equal are the same run.
-SAME_RUN_IGNORES = {"log_dir", "model_dir", "cache_dir", "num_workers", "no_progress", "eval_batch_size",
-                    "plot_every", "save_every", "no_cache"}
+# compare.py's flags that change nothing a run computes, less the seed, the data and the device, which make
+# another run of the same configuration: two runs whose other flags are equal are the same run.
+SAME_RUN_IGNORES = compare.NOT_CONFIG - {"seed", "data_root", "device", "cuda"}
+
+
+def _epoch(run):
+    """Epochs finished by a run directory's last.pth."""
+    return torch.load(os.path.join(run, "last.pth"), map_location="cpu", weights_only=True)["epoch"]
 
 
 def finished_twin(log_dir, set_dir, train_argv, niter):
@@ -146,15 +150,14 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
     pattern = os.path.join(glob.escape(log_dir), "*", "*", "seed*", "*", "train_record.txt")
     for record in sorted(glob.glob(pattern)):
         run = os.path.dirname(record)
-        if os.path.islink(os.path.dirname(run)) or os.path.islink(run) or run.startswith(set_dir + os.sep):
+        if os.path.islink(run) or run.startswith(set_dir + os.sep):
             continue
         try:
             saved, _ = compare.read_record(record)
         except compare.NotARun:
             continue
-        last = os.path.join(run, "last.pth")
-        if all(saved.get(k) == v for k, v in want.items()) and os.path.isfile(last) and \
-                torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= niter:
+        if all(saved.get(k) == v for k, v in want.items()) and os.path.isfile(os.path.join(run, "last.pth")) \
+                and _epoch(run) >= niter:
             return run
     return None
 
@@ -220,7 +223,7 @@ def main(argv=None):
                 run = os.path.join(seed_dir, os.path.basename(twin))
                 os.symlink(os.path.relpath(twin, seed_dir), run, target_is_directory=True)
                 what.append(f"the same run as {os.path.relpath(twin, args.log_dir)} (linked, not retrained)")
-        epoch = torch.load(os.path.join(run, "last.pth"), map_location="cpu", weights_only=True)["epoch"] if run else 0
+        epoch = _epoch(run) if run else 0
         if run is None or epoch < niter:
             if run is not None:
                 what.append(f"resumed at epoch {epoch}")
@@ -234,7 +237,7 @@ def main(argv=None):
             test_script.main(["--model_dir", run, "--cond_mode", mode] + test_extra)
         if epoch >= niter and not need and not what:
             what.append("skipped (finished)")
-        elif epoch >= niter and need and not any(w.startswith("resumed") for w in what):
+        elif epoch >= niter and need:
             what.append("tested only (training was finished)")
         rows = read_metrics(os.path.join(run, "metrics.csv"))
         trained = sum(r.get("seconds", 0.0) for r in rows if r.get("seconds") == r.get("seconds"))
@@ -254,8 +257,7 @@ def main(argv=None):
               "train_seconds": round(sum(d["train_seconds"] for d in done), 1),
               "test_seconds": round(sum(d["test_seconds"] for d in done), 1),
               "threads": torch.get_num_threads(), "runs": len(done)}
-    with open(os.path.join(set_dir, "timing.json"), "w") as f:
-        json.dump(timing, f, indent=2)
+    write_json(os.path.join(set_dir, "timing.json"), timing)
     print(f"[{args.set}] {len(done)} runs; this call {timing['wall_seconds_this_call'] / 60:.1f} min wall-clock "
           f"({timing['threads']} threads); the runs' training {timing['train_seconds'] / 60:.1f} min + tests "
           f"{timing['test_seconds'] / 60:.1f} min -> {set_dir}", flush=True)
