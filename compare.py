@@ -38,6 +38,9 @@ from run_log import read_metrics
 NOT_CONFIG = {"log_dir", "model_dir", "data_root", "cache_dir", "num_workers", "no_progress", "device", "cuda",
               "seed", "eval_batch_size", "plot_every", "save_every", "no_cache"}
 TESTS = {"real": "test", "shuffled": "test_shuffled"}
+# test.py --n_samples N --out <run>/test_samples: best of N prior samples, read when present (experiments.py
+# --n_samples writes it).
+SAMPLES = "test_samples"
 
 
 def get_args_parser():
@@ -105,7 +108,7 @@ def load_run(path):
     args, resumes = read_record(record)
     rows = read_metrics(os.path.join(path, "metrics.csv"))
     tests = {}
-    for mode, sub in TESTS.items():
+    for mode, sub in {**TESTS, "samples": SAMPLES}.items():
         m = os.path.join(path, sub, "metrics.json")
         if os.path.isfile(m):
             with open(m) as f:
@@ -131,6 +134,7 @@ def run_numbers(rows, tests):
     sec_it = float(np.nansum(secs)) / total_steps if total_steps and total_steps > 0 and len(secs) \
         and not np.all(np.isnan(secs)) else math.nan
     real, shuffled = tests.get("real"), tests.get("shuffled")
+    samples = tests.get("samples", {}).get("samples")
     nan = math.nan
     return {
         "steps": total_steps, "epochs": len(rows),
@@ -139,6 +143,8 @@ def run_numbers(rows, tests):
         "gain_copy_last": real["psnr"] - real["copy_last_psnr"] if real and "copy_last_psnr" in real else nan,
         "gain_shuffled": real["psnr"] - shuffled["psnr"] if real and shuffled else nan,
         "sec_per_iter": sec_it,
+        "best_psnr": samples["psnr"]["best"] if samples else nan,
+        "sample_std": samples["diversity_pixel_std"] if samples else nan,
     }
 
 
@@ -184,6 +190,9 @@ FIELDS = [("val_final", "final val PSNR (dB)", 2), ("val_best", "best val PSNR (
           ("test_psnr", "test PSNR (dB)", 2), ("test_ssim", "test SSIM", 3),
           ("gain_copy_last", "gain over copy-last (dB)", 2), ("gain_shuffled", "gain over shuffled cond. (dB)", 2),
           ("sec_per_iter", "s / iteration", 3)]
+# Shown when a run has test_samples: the best of N prior samples per sequence and metric (test.py
+# --n_samples) and the per-pixel std across the samples (0 when the latent is ignored).
+SAMPLE_FIELDS = [("best_psnr", "best-of-{n} test PSNR (dB)", 2), ("sample_std", "pixel std across samples", 4)]
 
 
 def config_notes(cfg, longest):
@@ -230,7 +239,7 @@ def build_table(configs, how):
     table = []
     for i, c in enumerate(configs):
         row = {"label": c["label"], "n_seeds": len(c["runs"]), **{f"flag_{k}": v for k, v in c["flags"].items()}}
-        for key, _, _ in FIELDS:
+        for key, _, _ in FIELDS + SAMPLE_FIELDS:
             m, s, n = summary([r[key] for r in c["runs"]], how)
             row[f"{key}_mean"], row[f"{key}_spread"], row[f"{key}_n"] = m, s, n
         if i == 0:
@@ -259,11 +268,14 @@ def markdown(configs, table, how, title, curve_notes, out):
              f"Mean ± {spread}; `(k of n)` = only k of the n seeds have the value. Test = the graded protocol "
              f"(test.py, real conditions); gains are over copying the last given frame and over the same model "
              f"with shuffled conditions. s / iteration = training seconds (metrics.csv) / steps.", ""]
-    heads = ["configuration", "seeds"] + [h for _, h, _ in FIELDS] + ["test PSNR vs first config", "missing / notes"]
+    fields = FIELDS + [f for f in SAMPLE_FIELDS if any(row[f"{f[0]}_n"] for row in table)]
+    ns = sorted({r["tests"]["samples"]["n_samples"] for c in configs for r in c["runs"] if "samples" in r["tests"]})
+    fields = [(k, h.format(n="/".join(map(str, ns))), d) for k, h, d in fields]
+    heads = ["configuration", "seeds"] + [h for _, h, _ in fields] + ["test PSNR vs first config", "missing / notes"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row in table:
         vs = row["vs_first"] if math.isnan(row["vs_first_db"]) else f"{row['vs_first_db']:+.2f} dB ({row['vs_first']})"
-        cells = [f"`{row['label']}`", str(row["n_seeds"])] + [_pm(row, k, d) for k, _, d in FIELDS] + \
+        cells = [f"`{row['label']}`", str(row["n_seeds"])] + [_pm(row, k, d) for k, _, d in fields] + \
                 [vs, row["notes"].replace("|", "/") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     if len(configs) > 2:

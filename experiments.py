@@ -5,12 +5,13 @@ test each run, and compare them, in one command.
     python experiments.py annealing                       # monotonic vs cyclical KL annealing, 2 seeds each
     python experiments.py lr --seeds 3                    # seeds 1..3
     python experiments.py teacher_forcing --niter 4       # other flags (after the set name) go to training
-    python experiments.py extras                          # FiLM, CondConv, spatial latent levels vs the base
+    python experiments.py extras --jobs 2 --n_samples 20  # FiLM, CondConv, latent levels; 2 runs at once; best of 20
 
 Every configuration starts from demo.py's `demo` recipe (a CPU-sized model, 300 iterations) on the
 simulated data (generated into --data_root when absent, as demo.py does), adds the set's flags, then
 the extra flags given here (which win). Each run trains with train_fixed_prior.py, is scored with
-test.py (real and shuffled conditions), and the set ends with compare.py. Runs land in
+test.py (real and shuffled conditions; with --n_samples N also the best of N prior samples), and the
+set ends with compare.py. --jobs N trains N runs at a time, each in its own process. Runs land in
     <log_dir>/<set>/<configuration>/seed<k>/<run name>/
 and the comparison in <log_dir>/<set>/compare.{png,md,csv}.
 
@@ -22,10 +23,13 @@ base) is linked from there instead of trained again.
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
-import os
 import glob
+import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -73,15 +77,19 @@ SETS = {
             ("prior=learned", ["--prior", "learned", "--beta", "1e-4"]),
         ]},
     "extras": {
-        # At the base's beta 1 the KL drives every latent level towards its prior; `--beta 1e-4` after the
-        # set name compares the latent levels where they can carry information (docs/experiments.md).
-        "about": "the condition modulating the decoder (FiLM, CondConv) and spatial latent levels, against the base",
+        # SVG's KL weight for every configuration: at the course's beta 1 the KL drives every latent level
+        # to its prior and the levels could not differ. Equal wall-clock training rather than equal steps:
+        # each configuration's --epoch_size (base 50, 6 epochs) is scaled by the base's seconds per
+        # iteration over its own, measured on one thread at the demo width (base 2.22 s, FiLM 2.33,
+        # CondConv 3.30, 2 levels 2.50, 3 levels 2.76; docs/experiments.md). The baseline is the prior
+        # set's fixed-prior run, linked when that set has run.
+        "about": "FiLM, CondConv and spatial latent levels against the base, at equal training time (beta 1e-4)",
         "configs": [
-            ("baseline", []),
-            ("cond_conv=film", ["--cond_conv", "film"]),
-            ("cond_conv=condconv", ["--cond_conv", "condconv"]),
-            ("latent_levels=2", ["--latent_levels", "2"]),
-            ("latent_levels=3", ["--latent_levels", "3"]),
+            ("baseline", ["--beta", "1e-4"]),
+            ("cond_conv=film", ["--cond_conv", "film", "--beta", "1e-4", "--epoch_size", "48"]),
+            ("cond_conv=condconv", ["--cond_conv", "condconv", "--beta", "1e-4", "--epoch_size", "34"]),
+            ("latent_levels=2", ["--latent_levels", "2", "--beta", "1e-4", "--epoch_size", "44"]),
+            ("latent_levels=3", ["--latent_levels", "3", "--beta", "1e-4", "--epoch_size", "40"]),
         ]},
 }
 BASE = "demo"  # demo.RECIPES key every configuration starts from
@@ -100,6 +108,12 @@ def get_args_parser():
                    help="runs go to <log_dir>/<set>/<configuration>/seed<k>/")
     p.add_argument("--n_train", type=int, default=2000, help="training sequences to simulate when generating")
     p.add_argument("--sim_workers", type=int, default=os.cpu_count(), help="processes simulating the data set")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with cpu_count // jobs threads "
+                        "(its output in its seed directory's log.txt)")
+    p.add_argument("--n_samples", type=int, default=1,
+                   help="also test each run with N prior samples per sequence (test.py --n_samples; best of N "
+                        "and the spread across samples join the table); 1: the graded test only")
     p.add_argument("--spread", default="halfrange", choices=["halfrange", "std"], help="compare.py's --spread")
     return p
 
@@ -162,15 +176,106 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
     return None
 
 
-def tests_needed(run):
-    """Test modes whose metrics.json is missing or older than the checkpoint it scores."""
+def tests_needed(run, n_samples=1):
+    """Test modes whose metrics.json is missing or older than the checkpoint it scores; with n_samples > 1
+    also "samples" (test.py --n_samples) when missing, older, or made with another number of samples."""
     best = os.path.join(run, "model.pth")
     need = []
-    for mode, sub in compare.TESTS.items():
+    for mode, sub in {**compare.TESTS, **({"samples": compare.SAMPLES} if n_samples > 1 else {})}.items():
         m = os.path.join(run, sub, "metrics.json")
         if not os.path.isfile(m) or (os.path.isfile(best) and os.path.getmtime(best) > os.path.getmtime(m)):
             need.append(mode)
+        elif mode == "samples":
+            with open(m) as f:
+                if json.load(f).get("n_samples") != n_samples:
+                    need.append(mode)
     return need
+
+
+def run_job(job):
+    """Train (or link, resume, skip) one run of a set and test it; returns its record for the set, with the
+    progress line in "line" and status "stopped" when a signal interrupted the training."""
+    seed_dir, argv_train = job["seed_dir"], job["argv_train"]
+    niter = int(_flag_value(argv_train, "--niter"))
+    run = find_run(seed_dir)
+    what = []
+    if run is None:
+        twin = finished_twin(job["log_dir"], job["set_dir"], argv_train, niter)
+        if twin is not None:  # linked, so the set's directory holds every run and the next call finds it
+            os.makedirs(seed_dir, exist_ok=True)
+            run = os.path.join(seed_dir, os.path.basename(twin))
+            os.symlink(os.path.relpath(twin, seed_dir), run, target_is_directory=True)
+            what.append(f"the same run as {os.path.relpath(twin, job['log_dir'])} (linked, not retrained)")
+    epoch = _epoch(run) if run else 0
+    if run is None or epoch < niter:
+        if run is not None:
+            what.append(f"resumed at epoch {epoch}")
+            argv_train = argv_train + ["--model_dir", run]
+        run = train.main(argv_train)
+        if run is None:  # stopped by a signal; last.pth is saved and the next call resumes
+            return {"label": job["label"], "seed": job["seed"], "status": "stopped",
+                    "line": f"{job['tag']}: stopped; re-run the same command to resume"}
+    need = tests_needed(run, job["n_samples"])
+    for mode in need:
+        if mode == "samples":
+            test_script.main(["--model_dir", run, "--n_samples", str(job["n_samples"]),
+                              "--out", os.path.join(run, compare.SAMPLES)] + job["test_extra"])
+        else:
+            test_script.main(["--model_dir", run, "--cond_mode", mode] + job["test_extra"])
+    if epoch >= niter and not need and not what:
+        what.append("skipped (finished)")
+    elif epoch >= niter and need:
+        what.append("tested only (training was finished)")
+    rows = read_metrics(os.path.join(run, "metrics.csv"))
+    trained = sum(r.get("seconds", 0.0) for r in rows if r.get("seconds") == r.get("seconds"))
+    tests = compare.load_run(run)["tests"]
+    real = tests.get("real", {})
+    return {"label": job["label"], "seed": job["seed"], "run": run, "status": what[0] if what else "trained",
+            "epoch_before": epoch, "train_seconds": trained,
+            "test_seconds": sum(t.get("seconds", 0.0) for t in tests.values()),
+            "line": f"{job['tag']}: {', '.join(what + [f'trained {trained:.0f} s'])}, "
+                    f"test {real.get('psnr', float('nan')):.2f} dB"}
+
+
+def _run_job_logged(job, threads):
+    """run_job in a worker process: `threads` torch threads, its output (progress bars included) appended
+    to <seed_dir>/log.txt rather than interleaved with the other runs' on the terminal."""
+    torch.set_num_threads(threads)
+    os.makedirs(job["seed_dir"], exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(os.path.join(job["seed_dir"], "log.txt"), "a") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            return run_job(job)
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def run_parallel(jobs, n):
+    """The set's runs, n at a time, each in its own process with cpu_count // n threads: small models use
+    one thread far better than two (docs/experiments.md, "Time"). Returns their records in job order;
+    exits, once the running ones have saved, when a run was stopped."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    print(f"[experiments] {len(jobs)} runs, {n} at a time with {threads} thread(s) each; "
+          f"each run's output goes to its seed directory's log.txt", flush=True)
+    done = [None] * len(jobs)
+    # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in an unusable state.
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job_logged, job, threads): i for i, job in enumerate(jobs)}
+        try:
+            for f in as_completed(futures):
+                done[futures[f]] = d = f.result()
+                print(d["line"], flush=True)
+        except KeyboardInterrupt:  # the workers got the signal too: each saves its last.pth, then returns
+            pool.shutdown(wait=True, cancel_futures=True)
+            sys.exit("[experiments] stopped; re-run the same command to resume")
+    stopped = [d["line"] for d in done if d["status"] == "stopped"]
+    if stopped:
+        sys.exit("\n".join(stopped))
+    return done
 
 
 def main(argv=None):
@@ -183,6 +288,8 @@ def main(argv=None):
         parser.error("name an experiment set (see --list); training flags go after it")
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be >= 1")
+    if args.jobs < 1 or args.n_samples < 1:
+        parser.error(f"--jobs {args.jobs}, --n_samples {args.n_samples}: both must be >= 1")
     spec = SETS[args.set]
     set_dir = os.path.join(args.log_dir, args.set)
 
@@ -207,47 +314,26 @@ def main(argv=None):
         test_extra.append("--no_cache")
 
     t_start = time.perf_counter()
-    jobs = [(label, flags, seed) for label, flags in spec["configs"] for seed in range(1, args.seeds + 1)]
-    done = []
-    for n, (label, flags, seed) in enumerate(jobs, 1):
+    runs = [(label, flags, seed) for label, flags in spec["configs"] for seed in range(1, args.seeds + 1)]
+    jobs = []
+    for n, (label, flags, seed) in enumerate(runs, 1):
         seed_dir = os.path.join(set_dir, label, f"seed{seed}")
         argv_train = demo.RECIPES[BASE] + flags + ["--data_root", args.data_root, "--log_dir", seed_dir,
                                                    "--seed", str(seed)] + extra
-        niter = int(_flag_value(argv_train, "--niter"))
-        run = find_run(seed_dir)
-        what = []
-        if run is None:
-            twin = finished_twin(args.log_dir, set_dir, argv_train, niter)
-            if twin is not None:  # linked, so the set's directory holds every run and the next call finds it
-                os.makedirs(seed_dir, exist_ok=True)
-                run = os.path.join(seed_dir, os.path.basename(twin))
-                os.symlink(os.path.relpath(twin, seed_dir), run, target_is_directory=True)
-                what.append(f"the same run as {os.path.relpath(twin, args.log_dir)} (linked, not retrained)")
-        epoch = _epoch(run) if run else 0
-        if run is None or epoch < niter:
-            if run is not None:
-                what.append(f"resumed at epoch {epoch}")
-                argv_train = argv_train + ["--model_dir", run]
-            run = train.main(argv_train)
-            if run is None:  # stopped by a signal; last.pth is saved and the next call resumes
-                sys.exit(f"[{args.set} {n}/{len(jobs)}] {label} seed={seed}: stopped; re-run the same command "
-                         f"to resume")
-        need = tests_needed(run)
-        for mode in need:
-            test_script.main(["--model_dir", run, "--cond_mode", mode] + test_extra)
-        if epoch >= niter and not need and not what:
-            what.append("skipped (finished)")
-        elif epoch >= niter and need:
-            what.append("tested only (training was finished)")
-        rows = read_metrics(os.path.join(run, "metrics.csv"))
-        trained = sum(r.get("seconds", 0.0) for r in rows if r.get("seconds") == r.get("seconds"))
-        tests = compare.load_run(run)["tests"]
-        real = tests.get("real", {})
-        print(f"[{args.set} {n}/{len(jobs)}] {label} seed={seed}: {', '.join(what + [f'trained {trained:.0f} s'])}, "
-              f"test {real.get('psnr', float('nan')):.2f} dB", flush=True)
-        done.append({"label": label, "seed": seed, "run": run, "status": what[0] if what else "trained",
-                     "epoch_before": epoch, "train_seconds": trained,
-                     "test_seconds": sum(t.get("seconds", 0.0) for t in tests.values())})
+        jobs.append({"tag": f"[{args.set} {n}/{len(runs)}] {label} seed={seed}", "label": label, "seed": seed,
+                     "seed_dir": seed_dir, "argv_train": argv_train, "log_dir": args.log_dir, "set_dir": set_dir,
+                     "test_extra": test_extra, "n_samples": args.n_samples})
+
+    if args.jobs == 1:
+        done = []
+        for job in jobs:
+            d = run_job(job)
+            print(d["line"], flush=True)
+            if d["status"] == "stopped":
+                sys.exit(d["line"])
+            done.append(d)
+    else:
+        done = run_parallel(jobs, args.jobs)
 
     result = compare.main([d["run"] for d in done] + ["--out", set_dir, "--title", f"{args.set}: {spec['about']}",
                                                       "--spread", args.spread])
@@ -256,11 +342,13 @@ def main(argv=None):
     timing = {"wall_seconds_this_call": round(time.perf_counter() - t_start, 1),
               "train_seconds": round(sum(d["train_seconds"] for d in done), 1),
               "test_seconds": round(sum(d["test_seconds"] for d in done), 1),
-              "threads": torch.get_num_threads(), "runs": len(done)}
+              "jobs": args.jobs, "threads": max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1
+              else torch.get_num_threads(), "runs": len(done)}
     write_json(os.path.join(set_dir, "timing.json"), timing)
     print(f"[{args.set}] {len(done)} runs; this call {timing['wall_seconds_this_call'] / 60:.1f} min wall-clock "
-          f"({timing['threads']} threads); the runs' training {timing['train_seconds'] / 60:.1f} min + tests "
-          f"{timing['test_seconds'] / 60:.1f} min -> {set_dir}", flush=True)
+          f"({timing['jobs']} run(s) at a time, {timing['threads']} thread(s) each); the runs' training "
+          f"{timing['train_seconds'] / 60:.1f} min + tests {timing['test_seconds'] / 60:.1f} min -> {set_dir}",
+          flush=True)
     return {"runs": done, "compare": result, "out": set_dir, "timing": timing}
 
 

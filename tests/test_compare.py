@@ -238,3 +238,31 @@ def test_experiment_sets_listed_and_unknown_flags_refused(capsys, tmp_path):
         experiments.main(["annealing", "--log_dir", str(tmp_path), "--no_such_flag", "3"])
     assert "does not accept --no_such_flag 3" in str(e.value.code)
     assert not os.path.exists(tmp_path / "annealing")
+
+
+@pytest.mark.slow
+def test_experiment_set_in_parallel(sim_root, tmp_path, capsys):
+    # --jobs 2: the runs train in two worker processes at once, one thread each, their output in log.txt;
+    # the set's table, tests and timing are the same as when they train one after the other. --n_samples 3
+    # adds the best-of-3 test to each run and its columns to the table.
+    argv = ["lr", "--seeds", "1", "--jobs", "2", "--n_samples", "3", "--data_root", sim_root, "--log_dir", str(tmp_path / "exp"),
+            *TINY, *SHORT, "--cache_dir", str(tmp_path / "cache")]
+    res = experiments.main(argv)
+    out = capsys.readouterr().out
+    assert [d["label"] for d in res["runs"]] == ["lr=0.002", "lr=0.01"]  # job order, whichever ends first
+    assert "2 runs, 2 at a time with 1 thread(s) each" in out
+    for d in res["runs"]:
+        assert f"seed={d['seed']}: trained" in d["line"] and d["line"] in out
+        assert len(_metrics(d["run"])) == 2 and os.path.isfile(os.path.join(d["run"], "test_shuffled", "metrics.json"))
+        log = open(os.path.join(os.path.dirname(d["run"]), "log.txt")).read()
+        assert "[epoch: 01]" in log and "test psnr" in log  # the run's output went to its log, not the terminal
+    assert "[epoch: 01]" not in out
+    assert res["timing"]["jobs"] == 2 and res["timing"]["threads"] == 1
+    for row, d in zip(res["compare"]["table"], res["runs"]):
+        with open(os.path.join(d["run"], "test_samples", "metrics.json")) as f:
+            m = json.load(f)
+        assert m["n_samples"] == 3 and row["best_psnr_mean"] == m["samples"]["psnr"]["best"]
+        assert row["best_psnr_mean"] >= row["test_psnr_mean"] - 1e-9  # sample 0 is the graded prediction
+    assert "best-of-3 test PSNR (dB)" in open(tmp_path / "exp" / "lr" / "compare.md").read()
+    res2 = experiments.main(argv)
+    assert [d["status"] for d in res2["runs"]] == ["skipped (finished)"] * 2
