@@ -254,11 +254,16 @@ def _run_job_logged(job, threads):
             os.close(saved[0]), os.close(saved[1])
 
 
+def threads_per_run(n):
+    """Torch threads of each run when n run at a time: this process's own with one, cpu_count // n else."""
+    return torch.get_num_threads() if n == 1 else max(1, (os.cpu_count() or 1) // n)
+
+
 def run_parallel(jobs, n):
-    """The set's runs, n at a time, each in its own process with cpu_count // n threads: small models use
-    one thread far better than two (docs/experiments.md, "Time"). Returns their records in job order;
+    """The set's runs, n at a time, each in its own process with threads_per_run(n) threads: small models
+    use one thread better than two (docs/experiments.md, "Time"). Returns their records in job order;
     exits, once the running ones have saved, when a run was stopped."""
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = threads_per_run(n)
     print(f"[experiments] {len(jobs)} runs, {n} at a time with {threads} thread(s) each; "
           f"each run's output goes to its seed directory's log.txt", flush=True)
     done = [None] * len(jobs)
@@ -342,8 +347,7 @@ def main(argv=None):
     timing = {"wall_seconds_this_call": round(time.perf_counter() - t_start, 1),
               "train_seconds": round(sum(d["train_seconds"] for d in done), 1),
               "test_seconds": round(sum(d["test_seconds"] for d in done), 1),
-              "jobs": args.jobs, "threads": max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1
-              else torch.get_num_threads(), "runs": len(done)}
+              "jobs": args.jobs, "threads": threads_per_run(args.jobs), "runs": len(done)}
     write_json(os.path.join(set_dir, "timing.json"), timing)
     print(f"[{args.set}] {len(done)} runs; this call {timing['wall_seconds_this_call'] / 60:.1f} min wall-clock "
           f"({timing['jobs']} run(s) at a time, {timing['threads']} thread(s) each); the runs' training "
