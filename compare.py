@@ -15,6 +15,8 @@ differ (e.g. `kl_anneal_cyclical=True`), in the order their first run was given.
 Writes
   DIR/compare.png  KL loss, MSE (log scale), validation PSNR, KL weight with the teacher-forcing ratio;
                    x = iterations; one colour per configuration; seeds thin, their mean bold
+  DIR/compare_time.png  validation PSNR against training minutes (time to quality), the test PSNR as a
+                   star at each run's end
   DIR/compare.md   the table (mean +- spread over seeds), the pairwise differences in test PSNR
                    against the seed spread, and what was missing; also printed to stdout
   DIR/compare.csv  the same numbers, one row per configuration
@@ -143,6 +145,7 @@ def run_numbers(rows, tests):
         "gain_copy_last": real["psnr"] - real["copy_last_psnr"] if real and "copy_last_psnr" in real else nan,
         "gain_shuffled": real["psnr"] - shuffled["psnr"] if real and shuffled else nan,
         "sec_per_iter": sec_it,
+        "train_min": float(np.nansum(secs)) / 60 if len(secs) and not np.all(np.isnan(secs)) else nan,
         "best_psnr": samples["psnr"]["best"] if samples else nan,
         "sample_std": samples["diversity_pixel_std"] if samples else nan,
     }
@@ -189,7 +192,7 @@ def summary(values, how):
 FIELDS = [("val_final", "final val PSNR (dB)", 2), ("val_best", "best val PSNR (dB)", 2),
           ("test_psnr", "test PSNR (dB)", 2), ("test_ssim", "test SSIM", 3),
           ("gain_copy_last", "gain over copy-last (dB)", 2), ("gain_shuffled", "gain over shuffled cond. (dB)", 2),
-          ("sec_per_iter", "s / iteration", 3)]
+          ("sec_per_iter", "s / iteration", 3), ("train_min", "training min", 1)]
 # Shown when a run has test_samples: the best of N prior samples per sequence and metric (test.py
 # --n_samples) and the per-pixel std across the samples (0 when the latent is ignored).
 SAMPLE_FIELDS = [("best_psnr", "best-of-{n} test PSNR (dB)", 2), ("sample_std", "pixel std across samples", 4)]
@@ -291,7 +294,7 @@ def markdown(configs, table, how, title, curve_notes, out):
             f"seed {r['args'].get('seed', '?')} `{os.path.relpath(r['path'], out)}`" for r in c["runs"]))
     if curve_notes:
         lines += ["", "## Figure notes", ""] + [f"- {n}" for n in curve_notes]
-    lines += ["", "![curves](compare.png)", ""]
+    lines += ["", "![curves](compare.png)", "", "![validation PSNR against training minutes](compare_time.png)", ""]
     return "\n".join(lines)
 
 
@@ -385,6 +388,35 @@ def plot(configs, path, title):
     return notes
 
 
+def plot_time(configs, path, title):
+    """Validation PSNR against cumulative training minutes (metrics.csv's per-epoch `seconds`, validation
+    excluded), one colour per configuration; a star marks each run's test PSNR at the end of its training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, c in enumerate(configs):
+        colour = colours[i % len(colours)]
+        for j, r in enumerate(c["runs"]):
+            minutes = np.nancumsum(_col(r["rows"], "seconds")) / 60
+            val = _col(r["rows"], "val_psnr")
+            ok = ~np.isnan(val)
+            ax.plot(minutes[ok], val[ok], "o-", color=colour, ms=3, lw=1.5,
+                    label=f"{c['label']}" if j == 0 else None)
+            if not math.isnan(r["test_psnr"]) and len(minutes):
+                ax.plot(minutes[-1], r["test_psnr"], "*", color=colour, ms=12, mec="black", mew=0.5)
+    ax.plot([], [], "*", color="grey", ms=12, mec="black", mew=0.5, label="test PSNR at the end")
+    ax.set(xlabel="training minutes (validation excluded)", ylabel="validation PSNR (dB)", title=title or None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -402,11 +434,12 @@ def main(argv=None):
     table = build_table(configs, args.spread)
     os.makedirs(args.out, exist_ok=True)
     curve_notes = plot(configs, os.path.join(args.out, "compare.png"), args.title)
+    plot_time(configs, os.path.join(args.out, "compare_time.png"), args.title)
     md = markdown(configs, table, args.spread, args.title, curve_notes, args.out)
     atomic_write(os.path.join(args.out, "compare.md"), lambda f: f.write(md.encode()))
     write_csv(os.path.join(args.out, "compare.csv"), table)
     print(md.split("\n## Runs")[0].rstrip())
-    print(f"\nwrote {os.path.join(args.out, 'compare.png')}, compare.md, compare.csv")
+    print(f"\nwrote {os.path.join(args.out, 'compare.png')}, compare_time.png, compare.md, compare.csv")
     sys.stdout.flush()
     return {"configs": configs, "table": table, "differing": differing, "markdown": md, "curve_notes": curve_notes}
 

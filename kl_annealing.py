@@ -1,4 +1,4 @@
-"""Schedules of the KL weight and the teacher-forcing ratio, as pure functions of the counters.
+"""Schedules of the KL weight, the teacher-forcing ratio and the learning rate, as pure functions of the counters.
 
 Nothing here holds state: a resumed run gets the same values from the saved (epoch, step) alone,
 whatever `--niter` it was started with.
@@ -6,6 +6,7 @@ whatever `--niter` it was started with.
     python kl_annealing.py --niter 300 --epoch_size 600 --kl_anneal_cyclical   # prints a few values
 """
 import argparse
+import math
 
 
 def kl_weight(step, niter, epoch_size, beta_max=1.0, cyclical=False, n_cycles=3, ratio=0.5):
@@ -35,6 +36,25 @@ def teacher_forcing_ratio(epoch, tfr=1.0, start_decay_epoch=0, decay_step=0.0, l
     return max(tfr - decay_step * n_decays, lower_bound) if n_decays else tfr
 
 
+def learning_rate(step, total, lr, schedule="constant", warmup=0, min_ratio=0.0):
+    """Learning rate at global iteration `step` (0-based) of a run of `total` iterations.
+
+    constant (the course's): lr throughout. cosine: a linear warm-up from lr / warmup to lr over the first
+    `warmup` iterations (Goyal et al. 2017), then half a cosine from lr down to min_ratio * lr at the last
+    iteration (SGDR without restarts, Loshchilov & Hutter 2017, Eq. 5); past `total` it stays there.
+    """
+    if schedule == "constant":
+        return float(lr)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))  # 0 after the warm-up, 1 at the last step
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def learning_rate_from_args(step, args):
+    return learning_rate(step, args.niter * args.epoch_size, args.lr, args.lr_schedule, args.warmup, args.min_lr_ratio)
+
+
 def kl_weight_from_args(step, args):
     return kl_weight(step, args.niter, args.epoch_size, args.beta, args.kl_anneal_cyclical,
                      args.kl_anneal_cycle, args.kl_anneal_ratio)
@@ -58,6 +78,10 @@ def get_args_parser():
     p.add_argument("--tfr_start_decay_epoch", type=int, default=0, help="first epoch after which tfr decays")
     p.add_argument("--tfr_decay_step", type=float, default=0.0, help="tfr decrease per epoch")
     p.add_argument("--tfr_lower_bound", type=float, default=0.0, help="lowest tfr")
+    p.add_argument("--lr", type=float, default=0.002, help="peak learning rate")
+    p.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up iterations of the cosine schedule")
+    p.add_argument("--min_lr_ratio", type=float, default=0.0, help="final learning rate of the cosine, as a fraction of --lr")
     return p
 
 
@@ -66,4 +90,4 @@ if __name__ == "__main__":
     for epoch in sorted({0, 1, a.niter // 6, a.niter // 3, a.niter // 2, a.niter - 1}):
         step = epoch * a.epoch_size
         print(f"epoch {epoch:4d}  step {step:7d}  beta {kl_weight_from_args(step, a):.4f}  "
-              f"tfr {teacher_forcing_ratio_from_args(epoch, a):.3f}")
+              f"tfr {teacher_forcing_ratio_from_args(epoch, a):.3f}  lr {learning_rate_from_args(step, a):.3g}")

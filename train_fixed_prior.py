@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 import checkpoints
 import evaluation
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
-from kl_annealing import kl_weight_from_args, teacher_forcing_ratio_from_args
+from kl_annealing import kl_weight_from_args, learning_rate_from_args, teacher_forcing_ratio_from_args
 from models import ARCH_KEYS, COND_CONVS, CVAE, PRIORS, fast
 from run_log import RunLog, run_name
 
@@ -47,7 +47,12 @@ def get_args_parser():
     g("--epoch_size", type=int, default=600, help="iterations per epoch")
     g("--seed", type=int, default=1, help="random seed")
     g("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off, as the sample)")
-    g = p.add_argument_group("schedules: teacher forcing and KL annealing (kl_annealing.py)").add_argument
+    g = p.add_argument_group("schedules: learning rate, teacher forcing and KL annealing (kl_annealing.py)").add_argument
+    g("--lr_schedule", default="constant", choices=["constant", "cosine"],
+      help="constant --lr (the sample's), or a linear warm-up then a cosine decay over the run's niter * epoch_size "
+           "iterations")
+    g("--warmup", type=int, default=0, help="warm-up iterations of --lr_schedule cosine")
+    g("--min_lr_ratio", type=float, default=0.0, help="learning rate at the end of the cosine, as a fraction of --lr")
     g("--tfr", type=float, default=1.0, help="teacher-forcing ratio at the start")
     g("--tfr_start_decay_epoch", type=int, default=0, help="epoch from which the ratio decays")
     g("--tfr_decay_step", type=float, default=0.0, help="decrease of the ratio after each epoch")
@@ -132,6 +137,8 @@ def check_args(args, parser):
         e(f"--batch_size {args.batch_size}: BatchNorm needs at least 2 sequences per batch in training")
     if not args.lr > 0 or not math.isfinite(args.lr):
         e(f"--lr {args.lr}: must be a positive number")
+    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
+        e(f"--warmup {args.warmup} must be >= 0 and --min_lr_ratio {args.min_lr_ratio} in [0, 1]")
     if args.beta < 0 or args.free_bits < 0 or args.grad_clip < 0 or args.save_every < 0 or args.num_workers < 0 or args.tfr_start_decay_epoch < 0:
         e("--beta, --free_bits, --grad_clip, --save_every, --num_workers and --tfr_start_decay_epoch must be >= 0")
     if args.cond_conv != "none" and args.cond == "none":
@@ -271,8 +278,6 @@ def restore(resume, model, optimizer, scaler, args):
         scaler.load_state_dict(ckpt["scaler"])
     run.step, run.epoch, run.epoch_it = ckpt["step"], ckpt["epoch"], ckpt["epoch_it"]
     run.best_psnr, run.epoch_sums, run.skipped = ckpt["best_psnr"], ckpt["epoch_sums"], ckpt["skipped_steps"]
-    for g in optimizer.param_groups:  # a given --lr overrides the saved one
-        g["lr"] = args.lr
     return run
 
 
@@ -418,6 +423,8 @@ def main(argv=None):
             for it in bar:
                 # schedule -> forward -> backward -> clip -> step -> log
                 beta = kl_weight_from_args(run.step, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_from_args(run.step, args)
                 use_tf = random.random() < run.tfr  # one coin per batch, as the sample
                 frames, conds = (x[:, :T].to(device, non_blocking=True) for x in next(batches))  # (B, T, C, H, W), (B, T, D)
                 with runtime.autocast(device, args.amp):

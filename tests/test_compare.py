@@ -72,6 +72,7 @@ def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
     assert ta["gain_shuffled_mean"] == pytest.approx(4.0) and ta["gain_shuffled_n"] == 1
     assert ta["sec_per_iter_mean"] == pytest.approx((6 / 30 + 12 / 30) / 2)
     assert tb["sec_per_iter_mean"] == pytest.approx((6 / 30 + 4 / 10) / 2)
+    assert ta["train_min_mean"] == pytest.approx((6 + 12) / 2 / 60)  # the epochs' training seconds summed
     assert tb["vs_first_db"] == pytest.approx(23.2 - 20.5) and tb["vs_first"] == "larger than the seed spread"
     assert "seed 2: no shuffled-conditions test" in ta["notes"]
     assert "seed 1: resumed (epoch 1, step 10)" in tb["notes"]
@@ -83,6 +84,7 @@ def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "out" / "compare.csv")))
     assert [r["label"] for r in rows] == labels and float(rows[1]["test_psnr_mean"]) == pytest.approx(23.2)
     assert os.path.getsize(tmp_path / "out" / "compare.png") > 10000
+    assert os.path.getsize(tmp_path / "out" / "compare_time.png") > 10000
 
     # The std variant, and a pair whose seeds overlap.
     c2 = _fake_run(tmp_path / "c2", {**ARGS, "lr": 0.005}, _rows(3, 10, [1, 2, 3]),

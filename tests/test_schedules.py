@@ -1,7 +1,9 @@
-"""KL-weight and teacher-forcing schedules: values, the sample's iterative rule, and resume safety."""
+"""KL-weight, teacher-forcing and learning-rate schedules: values, the sample's iterative rule, and resume safety."""
 import pytest
 
-from kl_annealing import kl_weight, teacher_forcing_ratio
+import math
+
+from kl_annealing import kl_weight, learning_rate, teacher_forcing_ratio
 
 
 def test_monotonic_kl_weight():
@@ -27,6 +29,16 @@ def test_tfr_matches_the_sample_loop():
             tfr = max(tfr - 0.03, 0.2)
     got = [teacher_forcing_ratio(e, 1.0, 5, 0.03, 0.2) for e in range(40)]
     assert got == pytest.approx(seen)
+
+
+def test_cosine_learning_rate():
+    assert [learning_rate(s, 100, 0.002) for s in (0, 50, 500)] == [0.002] * 3  # constant: the sample's
+    lr = [learning_rate(s, 100, 1.0, "cosine", warmup=10, min_ratio=0.1) for s in range(100)]
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to the peak
+    assert lr[10] == 1.0 and lr[-1] == pytest.approx(0.1)  # peak right after the warm-up, floor at the end
+    assert lr[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))  # half a cosine between
+    assert all(b <= a for a, b in zip(lr[10:], lr[11:]))
+    assert learning_rate(10_000, 100, 1.0, "cosine", min_ratio=0.1) == pytest.approx(0.1)  # past the planned end
 
 
 def test_schedules_depend_on_counters_only():

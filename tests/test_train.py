@@ -87,7 +87,7 @@ def _params(path):
                                          ["--cond_conv", "condconv", "--latent_levels", "2", "--beta", "1e-3"]])
 def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
-             "--tfr", "0.5", "--kl_anneal_cyclical", *model_flags]
+             "--tfr", "0.5", "--kl_anneal_cyclical", "--lr_schedule", "cosine", "--warmup", "2", *model_flags]
     full = _train(sim_root, tmp_path / "a", *flags)
     real_kl = train.kl_weight_from_args
 
@@ -132,6 +132,7 @@ def test_resume_refuses_contradicting_architecture(run_dir, capsys):
     (["--batch_size", "1"], "--batch_size 1: BatchNorm"),
     (["--tfr", "1.5"], "--tfr 1.5: must be in [0, 1]"),
     (["--lr", "-1"], "--lr -1.0"),
+    (["--min_lr_ratio", "2"], "--min_lr_ratio 2.0 in [0, 1]"),
     (["--data_root", "/nonexistent"], "--data_root /nonexistent: expected a 'train' directory"),
     (["--model_dir", "/nonexistent"], "--model_dir /nonexistent"),
     (["--cond", "none", "--cond_conv", "film"], "--cond_conv film modulates the decoder by the condition, and --cond none"),
