@@ -395,7 +395,7 @@ def plot_time(configs, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colours = plt.get_cmap("tab10").colors
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5 + 0.25 * len(configs)))
     for i, c in enumerate(configs):
         colour = colours[i % len(colours)]
         for j, r in enumerate(c["runs"]):
@@ -409,7 +409,7 @@ def plot_time(configs, path, title):
     ax.plot([], [], "*", color="grey", ms=12, mec="black", mew=0.5, label="test PSNR at the end")
     ax.set(xlabel="training minutes (validation excluded)", ylabel="validation PSNR (dB)", title=title or None)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

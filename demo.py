@@ -24,14 +24,16 @@ import train_fixed_prior as train
 from run_log import run_name
 
 # CPU-sized configurations: a narrower VGG (--base_channels), a smaller LSTM, and a short schedule.
-# Every value is an ordinary train_fixed_prior.py flag; flags given on the command line win.
+# Every value is an ordinary train_fixed_prior.py flag; flags given on the command line win. --amp auto
+# trains in bf16 only where the CPU or GPU computes it natively (elsewhere it is emulated and 7-19x slower,
+# docs/performance.md); bf16 training cost no test PSNR on the demo over two seeds.
 RECIPES = {
     "demo": ["--base_channels", "8", "--g_dim", "64", "--z_dim", "16", "--rnn_size", "128", "--batch_size", "16",
              "--niter", "6", "--epoch_size", "50", "--eval_every", "2", "--plot_every", "2", "--lr", "0.002",
-             "--num_workers", "0", "--eval_batch_size", "64"],
+             "--num_workers", "0", "--eval_batch_size", "64", "--amp", "auto"],
     "long": ["--base_channels", "8", "--g_dim", "64", "--z_dim", "16", "--rnn_size", "128", "--batch_size", "16",
              "--niter", "30", "--epoch_size", "100", "--eval_every", "3", "--plot_every", "3", "--lr", "0.002",
-             "--num_workers", "0", "--eval_batch_size", "64"],
+             "--num_workers", "0", "--eval_batch_size", "64", "--amp", "auto"],
 }
 
 
