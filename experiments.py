@@ -20,7 +20,7 @@ resumes interrupted ones (train_fixed_prior.py --model_dir RUN) and tests runs t
 configuration that another set has already trained with the same flags and seed (the sets share their
 base) is linked from there instead of trained again.
 """
-import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+import runtime  # first: sets the OpenMP wait policy before torch loads
 
 import argparse
 import glob
@@ -160,7 +160,11 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
     """A finished run of another set under log_dir trained with the same flags as train_argv (the flags in
     SAME_RUN_IGNORES aside): several sets share their base configuration, which need not train twice.
     Returns its directory, or None."""
-    want = {k: v for k, v in vars(train.get_args_parser().parse_args(train_argv)).items() if k not in SAME_RUN_IGNORES}
+    parser = train.get_args_parser()
+    args = parser.parse_args(train_argv)
+    args.amp = runtime.resolve_amp(args.amp, runtime.choose_device(args.device))  # runs save the resolved choice
+    want = {k: v for k, v in vars(args).items() if k not in SAME_RUN_IGNORES}
+    defaults = vars(parser.parse_args([]))  # flags a run from an older version did not record
     pattern = os.path.join(glob.escape(log_dir), "*", "*", "seed*", "*", "train_record.txt")
     for record in sorted(glob.glob(pattern)):
         run = os.path.dirname(record)
@@ -170,7 +174,7 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
             saved, _ = compare.read_record(record)
         except compare.NotARun:
             continue
-        if all(saved.get(k) == v for k, v in want.items()) and os.path.isfile(os.path.join(run, "last.pth")) \
+        if all(saved.get(k, defaults.get(k)) == v for k, v in want.items()) and os.path.isfile(os.path.join(run, "last.pth")) \
                 and _epoch(run) >= niter:
             return run
     return None

@@ -1,7 +1,7 @@
 """KL-weight, teacher-forcing and learning-rate schedules: values, the sample's iterative rule, and resume safety."""
-import pytest
-
 import math
+
+import pytest
 
 from kl_annealing import kl_weight, learning_rate, teacher_forcing_ratio
 
