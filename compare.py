@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 
+import plots
 from checkpoints import atomic_write
 from run_log import read_metrics
 
@@ -131,10 +132,11 @@ def run_numbers(rows, tests):
     val = val[~np.isnan(val)]
     steps = _col(rows, "step")
     secs = _col(rows, "seconds")
+    timed = len(secs) and not np.all(np.isnan(secs))
     total_steps = float(np.nanmax(steps)) if len(steps) and not np.all(np.isnan(steps)) else math.nan
     # `seconds` is the training time of each epoch (validation excluded); their sum over the run's steps.
-    sec_it = float(np.nansum(secs)) / total_steps if total_steps and total_steps > 0 and len(secs) \
-        and not np.all(np.isnan(secs)) else math.nan
+    train_seconds = float(np.nansum(secs))
+    sec_it = train_seconds / total_steps if total_steps and total_steps > 0 and timed else math.nan
     real, shuffled = tests.get("real"), tests.get("shuffled")
     samples = tests.get("samples", {}).get("samples")
     nan = math.nan
@@ -145,7 +147,7 @@ def run_numbers(rows, tests):
         "gain_copy_last": real["psnr"] - real["copy_last_psnr"] if real and "copy_last_psnr" in real else nan,
         "gain_shuffled": real["psnr"] - shuffled["psnr"] if real and shuffled else nan,
         "sec_per_iter": sec_it,
-        "train_min": float(np.nansum(secs)) / 60 if len(secs) and not np.all(np.isnan(secs)) else nan,
+        "train_seconds": train_seconds, "train_min": train_seconds / 60 if timed else nan,
         "best_psnr": samples["psnr"]["best"] if samples else nan,
         "sample_std": samples["diversity_pixel_std"] if samples else nan,
     }
@@ -336,9 +338,7 @@ def seed_mean(runs, key):
 
 def plot(configs, path, title):
     """The report's four panels, every configuration overlaid, x in iterations."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     from matplotlib.lines import Line2D
     colours = plt.get_cmap("tab10").colors
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
@@ -381,19 +381,14 @@ def plot(configs, path, title):
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(handles) - 1) // 4), 1, 0.95 if title else 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    plots.save_figure(fig, path)
     return notes
 
 
 def plot_time(configs, path, title):
     """Validation PSNR against cumulative training minutes (metrics.csv's per-epoch `seconds`, validation
     excluded), one colour per configuration; a star marks each run's test PSNR at the end of its training."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     colours = plt.get_cmap("tab10").colors
     fig, ax = plt.subplots(figsize=(10, 5 + 0.25 * len(configs)))
     for i, c in enumerate(configs):
@@ -411,10 +406,7 @@ def plot_time(configs, path, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    plots.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -35,7 +35,6 @@ import torch
 
 import compare
 from checkpoints import write_json
-from run_log import read_metrics
 import demo
 import make_sim_dataset
 import test as test_script
@@ -164,17 +163,16 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
     args = parser.parse_args(train_argv)
     args.amp = runtime.resolve_amp(args.amp, runtime.choose_device(args.device))  # runs save the resolved choice
     want = {k: v for k, v in vars(args).items() if k not in SAME_RUN_IGNORES}
-    defaults = vars(parser.parse_args([]))  # flags a run from an older version did not record
     pattern = os.path.join(glob.escape(log_dir), "*", "*", "seed*", "*", "train_record.txt")
     for record in sorted(glob.glob(pattern)):
         run = os.path.dirname(record)
         if os.path.islink(run) or run.startswith(set_dir + os.sep):
             continue
         try:
-            saved, _ = compare.read_record(record)
+            saved = train.with_defaults(parser, compare.read_record(record)[0])
         except compare.NotARun:
             continue
-        if all(saved.get(k, defaults.get(k)) == v for k, v in want.items()) and os.path.isfile(os.path.join(run, "last.pth")) \
+        if all(saved.get(k) == v for k, v in want.items()) and os.path.isfile(os.path.join(run, "last.pth")) \
                 and _epoch(run) >= niter:
             return run
     return None
@@ -230,9 +228,8 @@ def run_job(job):
         what.append("skipped (finished)")
     elif epoch >= niter and need:
         what.append("tested only (training was finished)")
-    rows = read_metrics(os.path.join(run, "metrics.csv"))
-    trained = sum(r.get("seconds", 0.0) for r in rows if r.get("seconds") == r.get("seconds"))
-    tests = compare.load_run(run)["tests"]
+    loaded = compare.load_run(run)
+    trained, tests = loaded["train_seconds"], loaded["tests"]
     real = tests.get("real", {})
     return {"label": job["label"], "seed": job["seed"], "run": run, "status": what[0] if what else "trained",
             "epoch_before": epoch, "train_seconds": trained,

@@ -10,17 +10,19 @@ import numpy as np
 import checkpoints
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save_figure(fig, path, dpi=90):
+def save_figure(fig, path, dpi=90):
+    """Write a figure as PNG atomically (a reader never sees half a file) and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     checkpoints.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
@@ -28,7 +30,7 @@ def plot_curves(rows, path):
     """The four curves the course asks for (KL loss, MSE, validation PSNR, and tfr with the KL weight), the
     number of active latent dimensions beside the KL (and each latent level's KL with --latent_levels > 1),
     and the KL per time step at the last validation."""
-    plt = _pyplot()
+    plt = pyplot()
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
     axes[0].plot(ep, [r["kld"] for r in rows], color="tab:purple", label="KL (train)")
@@ -63,7 +65,7 @@ def plot_curves(rows, path):
         axes[4].bar(range(1, len(kl_t) + 1), kl_t, color="tab:purple")
     axes[4].set(title="KL per time step (last validation)", xlabel="time step t", ylabel="nats")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _to_uint8(frames):
@@ -143,7 +145,7 @@ def save_sample_grid(path_stem, clip, n_past, n_random=3, seed=0, scale=2):
 def plot_sample_curves(metrics, path, n_past):
     """Per-step PSNR and SSIM of the best, mean and worst of N samples beside the graded single sample and
     copy-last, from evaluate()'s result with n_samples > 1."""
-    plt = _pyplot()
+    plt = pyplot()
     s = metrics["samples"]
     steps = range(n_past, n_past + len(metrics["psnr_per_step"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -156,4 +158,4 @@ def plot_sample_curves(metrics, path, n_past):
         ax.set(title=f"{key.upper()} per predicted frame", xlabel="frame", ylabel=key.upper() + (" (dB)" if key == "psnr" else ""))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)

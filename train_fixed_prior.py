@@ -213,6 +213,11 @@ def make_optimizer(args, params):
     return torch.optim.SGD(params, lr=args.lr)
 
 
+def with_defaults(parser, saved):
+    """A run's saved flags (dict), completed with this version's defaults for the flags the run predates."""
+    return {**vars(parser.parse_args([])), **saved}
+
+
 def resolve_args(parser, argv):
     """Parse flags; when resuming, take the run's saved flags and apply only those given explicitly.
 
@@ -232,9 +237,7 @@ def resolve_args(parser, argv):
     except checkpoints.CheckpointError as e:
         parser.error(f"--model_dir {args.model_dir}: {e}")
     given = explicit_flags(parser, argv) - {"model_dir"}
-    saved = ckpt["args"]
-    saved = {"prior": "fixed", "prior_rnn_layers": 1, "cond": "action_pos", "cond_conv": "none", "condconv_experts": 4,
-             "latent_levels": 1, "z_spatial_dim": 4, **saved}  # runs from before these flags
+    saved = with_defaults(parser, ckpt["args"])
     clash = [k for k in ARCH_KEYS + ("n_past", "n_future", "cond") if k in given and getattr(args, k) != saved.get(k)]
     if clash:
         parser.error(f"--model_dir {args.model_dir}: {', '.join('--' + k for k in clash)} contradict the checkpoint "
