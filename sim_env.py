@@ -19,8 +19,9 @@ split code, index)}) rebuilds a data set sequence's scene (make_sim_dataset.SPLI
 
 Goal images: render_goal(ee=..., objects={i: (x, y)}) teleports the arm and/or objects in a saved
 copy of the physics state (pybullet saveState), renders, and restores the state exactly, so the
-episode goes on as if nothing happened. clone_state/restore_state/release_state and rollout_states
-let a planner use the simulator itself as its model (plan.py's oracle).
+episode goes on as if nothing happened; object_mask(i) gives the pixels object i covers, the same
+way. clone_state/restore_state/release_state and rollout_states let a planner use the simulator
+itself as its model (plan.py's oracle).
 
 Only one SimEnv per process: the scene lives in this process's pybullet clients (make_sim_dataset._sim).
 """
@@ -34,6 +35,7 @@ import make_sim_dataset as sim
 
 ENV_SEED_CODE = 3  # second seed word of environment scenes; the data set's splits use 0, 1, 2
 FRAMES_PER_ACTION = 2  # BAIR holds each action row for 2 frames
+OUT_OF_VIEW = 10.0  # metres: an xy the camera does not see (object_mask hides an object there)
 
 
 class SimEnv(gym.Env):
@@ -162,6 +164,15 @@ class SimEnv(gym.Env):
             self.restore_state(s)
             self.release_state(s)
         return frame
+
+    def object_mask(self, i, ee=None, xy=None):
+        """Where object i covers the frame: (64, 64) bool, True where the frame rendered with the object
+        (at xy, or where it is) differs from the same frame without it (moved out of view); the arm at
+        ee (as render_goal) may hide part of it. A planner's designated pixels (Ebert et al. 2017)."""
+        objects = {i: xy} if xy is not None else {}
+        with_it = self.render_goal(ee=ee, objects=objects).astype(np.int16)
+        without = self.render_goal(ee=ee, objects={i: (OUT_OF_VIEW, OUT_OF_VIEW)}).astype(np.int16)
+        return np.abs(with_it - without).max(-1) > 8
 
     def rollout_states(self, action_seqs):
         """Simulate each action sequence (N, K, 4) from the current state without rendering (the drawn

@@ -88,6 +88,26 @@ def test_blurred_cost_decreases_as_a_blob_approaches_the_goal():
     assert costs == sorted(costs, reverse=True) and costs[-1] == pytest.approx(0, abs=1e-7)
 
 
+def test_object_weights_make_the_object_region_decide_the_cost():
+    goal = torch.zeros(3, 64, 64)
+    goal[:, 10:16, 10:16] = 1  # the object
+    goal[:, 40:52, 40:52] = 1  # the arm, 4x larger (in the simulator about 3x)
+    obj_right = goal.clone()
+    obj_right[:, 40:52, 40:52] = 0  # object where the goal shows it, arm missing
+    arm_right = goal.clone()
+    arm_right[:, 10:16, 10:16] = 0  # arm where the goal shows it, object missing
+    pred = torch.stack([obj_right, arm_right])[:, None]  # (2, 1, 3, 64, 64)
+    mask = np.zeros((64, 64), bool)
+    mask[10:16, 10:16] = True
+    plain = plan.image_cost(pred, goal, np.ones(1), 2.0)
+    w = plan.object_pixel_weights([mask, mask], 2.0, 30.0)
+    assert w.shape == (64, 64) and w.max().item() == pytest.approx(31) and w.min().item() == 1
+    weighted = plan.image_cost(pred, goal, np.ones(1), 2.0, w)
+    assert plain[1] < plain[0] and weighted[0] < weighted[1]
+    same = plan.image_cost(pred, goal, np.ones(1), 2.0, torch.ones(64, 64))
+    assert torch.allclose(same, plain)
+
+
 @pytest.mark.slow
 def test_the_simulator_as_model_solves_an_easy_reach():
     args = plan.get_args_parser().parse_args(["--model_dir", ".", "--task", "reach", "--steps", "3",
@@ -99,14 +119,15 @@ def test_the_simulator_as_model_solves_an_easy_reach():
     assert noop["final_distance"] > 0.07
 
 
-def test_plan_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+@pytest.mark.parametrize("task, flags", [("reach", []), ("push", ["--object_weight", "30"])])
+def test_plan_end_to_end_on_a_tiny_model(tiny_run, tmp_path, task, flags):
     out = tmp_path / "out"
-    res = plan.main(["--model_dir", tiny_run, "--task", "reach", "--episodes", "1", "--steps", "1", "--samples", "4",
-                     "--iters", "1", "--methods", "model,random,noop", "--out", str(out)])
+    res = plan.main(["--model_dir", tiny_run, "--task", task, "--episodes", "1", "--steps", "1", "--samples", "4",
+                     "--iters", "1", "--methods", "model,random,noop", "--out", str(out)] + flags)
     s = json.loads((out / "plan" / "summary.json").read_text())
     assert set(s["summary"]) == {"model", "random", "noop"} and len(s["episodes"]) == 3
     assert s["summary"]["noop"]["distance_reduction_vs_noop_mean"] == 0 and "host" in s
-    assert os.path.getsize(out / "plan" / "reach_ep0.gif") > 0
+    assert os.path.getsize(out / "plan" / f"{task}_ep0.gif") > 0
     assert res["summary"]["model"]["episodes"] == 1
 
 

@@ -107,6 +107,18 @@ def test_goal_image_and_cloned_states_leave_the_episode_untouched(env):
         env.render_goal(objects={99: (0.5, 0.0)})
 
 
+def test_object_masks_cover_each_object_and_leave_the_episode_untouched(env):
+    frame, info = env.reset(seed=5)  # seven objects, none hidden behind the arm
+    masks = [env.object_mask(i) for i in range(len(info["objects"]))]
+    assert all(m.shape == (64, 64) and m.dtype == bool and 10 < m.sum() < 600 for m in masks)
+    assert not (masks[0] & masks[1]).any()  # objects stand apart on the tray
+    moved = env.object_mask(0, xy=info["objects"][0, :2] + [0.0, 0.08])
+    assert 10 < moved.sum() and (moved & masks[0]).sum() < masks[0].sum() / 2
+    assert np.array_equal(env.render(), frame)
+    _, _, _, _, after = env.step(ACTIONS[0])
+    assert np.allclose(after["objects"][2:], info["objects"][2:], atol=1e-3)
+
+
 def test_reward_is_minus_the_distance_to_the_goal(env):
     frame, info = env.reset(seed=1, options={"goal": {"ee": (0.6, 0.0)}})
     _, r, _, _, info = env.step(np.array([0.0, 0.0, 0, 0]))
