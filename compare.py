@@ -10,7 +10,8 @@ the shuffled-conditions ablation).
 
 Runs whose flags differ only in --seed (or in flags that never change what is trained: paths, workers,
 device, progress bar) are one configuration. Configurations are labelled by the flags in which they
-differ (e.g. `kl_anneal_cyclical=True`), in the order their first run was given.
+differ (e.g. `kl_anneal_cyclical=True`), in the order their first run was given. A flag a run
+predates counts at its default, so such a run joins the configuration it trained as.
 
 Writes
   DIR/compare.png  KL loss, MSE (log scale), validation PSNR, KL weight with the teacher-forcing ratio;
@@ -21,6 +22,8 @@ Writes
                    against the seed spread, and what was missing; also printed to stdout
   DIR/compare.csv  the same numbers, one row per configuration
 """
+import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
 import argparse
 import ast
 import csv
@@ -33,6 +36,7 @@ import sys
 import numpy as np
 
 import plots
+import train_fixed_prior as train
 from checkpoints import atomic_write
 from run_log import read_metrics
 
@@ -109,6 +113,7 @@ def load_run(path):
         raise NotARun(f"{path} is not a training run (no train_record.txt; expected a directory written by "
                       f"train_fixed_prior.py, e.g. logs/fp/rnn_size=...)")
     args, resumes = read_record(record)
+    args = train.with_defaults(train.get_args_parser(), args)  # a flag the run predates: its default
     rows = read_metrics(os.path.join(path, "metrics.csv"))
     tests = {}
     for mode, sub in {**TESTS, "samples": SAMPLES}.items():

@@ -97,6 +97,13 @@ def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
     assert res["table"][2]["vs_first"] == "a single tested seed: spread unknown"
     assert "Every pair" in res["markdown"]
 
+    # A run that predates a flag is the configuration with the flag's default.
+    d1 = _fake_run(tmp_path / "d1", {**ARGS, "seed": 5, "lr_schedule": "constant"}, _rows(3, 10, [1, 2, 3]))
+    d2 = _fake_run(tmp_path / "d2", {**ARGS, "lr_schedule": "cosine"}, _rows(3, 10, [1, 2, 3]))
+    res = compare.main([a1, d1, d2, "--out", str(tmp_path / "out3")])
+    assert [c["label"] for c in res["configs"]] == ["lr_schedule=constant", "lr_schedule=cosine"]
+    assert len(res["configs"][0]["runs"]) == 2
+
 
 def test_not_a_run_is_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
