@@ -266,9 +266,7 @@ def make_task(env, task, episode_seed):
             goal_ee = target - 0.07 * u  # the arm just behind the pushed object
             if np.all(target >= EE_LO) and np.all(target <= EE_HI) and np.all(goal_ee >= EE_LO) and np.all(goal_ee <= EE_HI):
                 goal = env.render_goal(ee=goal_ee, objects={i: target})
-                masks = [env.object_mask(i), env.object_mask(i, ee=goal_ee, xy=target)]  # now, in the goal
-                return {"kind": "object", "object": i, "target": target, "goal_ee": goal_ee, "goal": goal,
-                        "object_masks": masks}
+                return {"kind": "object", "object": i, "target": target, "goal_ee": goal_ee, "goal": goal}
     raise RuntimeError(f"no feasible {task} target in scene {episode_seed}")
 
 
@@ -302,10 +300,12 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
     weights = frame_weights(n_future, args.last_weight)
     pixel_weights = None
     if task["kind"] == "object" and args.object_weight > 0:
-        pixel_weights = object_pixel_weights(task["object_masks"], args.blur_sigma, args.object_weight).to(device)
+        i = task["object"]
+        masks = [env.object_mask(i), env.object_mask(i, ee=task["goal_ee"], xy=target)]  # now, in the goal
+        pixel_weights = object_pixel_weights(masks, args.blur_sigma, args.object_weight).to(device)
     warm = np.zeros(horizon * 2)
     lo, hi = -sim.MAX_STEP, sim.MAX_STEP
-    gif, plan_pred, replan_flag = [], None, False
+    gif, plan_pred = [], None
     plan_costs, executed = [], 0
     while executed < args.steps:
         ee_xy = env.ee[:2].copy()

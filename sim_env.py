@@ -172,7 +172,7 @@ class SimEnv(gym.Env):
         objects = {i: xy} if xy is not None else {}
         with_it = self.render_goal(ee=ee, objects=objects).astype(np.int16)
         without = self.render_goal(ee=ee, objects={i: (OUT_OF_VIEW, OUT_OF_VIEW)}).astype(np.int16)
-        return np.abs(with_it - without).max(-1) > 8
+        return np.abs(with_it - without).max(-1) > 8  # of 255: only a clear difference counts
 
     def rollout_states(self, action_seqs):
         """Simulate each action sequence (N, K, 4) from the current state without rendering (the drawn
