@@ -278,20 +278,27 @@ def distance(task, state, target):
     return float(np.linalg.norm(objects[task["object"], :2] - target))
 
 
-def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=10, device="cpu"):
-    """One episode of one method. Returns (record dict, GIF frames or None)."""
-    t0 = time.time()
-    horizon = n_future // FRAMES_PER_ACTION
+def start_episode(env, episode_seed, n_past):
+    """Reset the scene and wait without motion until there are n_past frames (the model's context).
+    Returns the frames, end-effector positions and actions so far (one per frame) and the gripper."""
     frame, info = env.reset(seed=episode_seed)
     gripper = info["gripper"]
     noop = np.array([0.0, 0.0, 0.0, gripper])
-    # Warm-up without motion until there are n_past frames (the model's context).
     frames, ees, acts_hist = [frame], [info["ee"]], []
     while len(frames) < n_past + 1:
         frame, _, _, _, info = env.step(noop)
         frames += list(info["frames"])
         ees += list(info["positions"])
         acts_hist += [noop] * FRAMES_PER_ACTION
+    return frames, ees, acts_hist, gripper
+
+
+def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=10, device="cpu"):
+    """One episode of one method. Returns (record dict, GIF frames or None)."""
+    t0 = time.time()
+    horizon = n_future // FRAMES_PER_ACTION
+    frames, ees, acts_hist, gripper = start_episode(env, episode_seed, n_past)
+    noop = np.array([0.0, 0.0, 0.0, gripper])
     task = make_task(env, args.task, episode_seed)
     target = task["target"]
     d0 = distance(task, (env.ee, env.scene.object_positions()), target)

@@ -13,6 +13,7 @@ sys.path.insert(0, REPO)
 
 import make_sim_dataset as sim  # noqa: E402
 import plan  # noqa: E402
+import rank_costs  # noqa: E402
 import checkpoints  # noqa: E402
 from models import ARCH_KEYS, CVAE  # noqa: E402
 from sim_env import SimEnv  # noqa: E402
@@ -106,6 +107,35 @@ def test_object_weights_make_the_object_region_decide_the_cost():
     assert plain[1] < plain[0] and weighted[0] < weighted[1]
     same = plan.image_cost(pred, goal, np.ones(1), 2.0, torch.ones(64, 64))
     assert torch.allclose(same, plain)
+
+
+def test_centroid_cost_follows_the_coloured_object_and_ignores_the_rest():
+    red = torch.tensor([0.9, 0.1, 0.1])
+    costs = []
+    for x in (4, 16, 28, 40):
+        f = torch.full((1, 1, 3, 64, 64), 0.5)
+        f[0, 0, :, 30:34, x:x + 4] = red.view(3, 1, 1)
+        f[0, 0, :, 0:20, 0:20] = torch.tensor([0.1, 0.1, 0.9]).view(3, 1, 1)  # a large toy of another colour
+        costs.append(rank_costs.centroid_cost(f, red, torch.tensor([31.5, 41.5]), np.ones(1), 0.1).item())
+    assert costs == sorted(costs, reverse=True) and costs[-1] == pytest.approx(0, abs=0.05)
+    f = torch.full((1, 1, 3, 64, 64), 0.5)
+    f[0, 0, :, 30:34, 40:44] = red.view(3, 1, 1)
+    f[0, 0, :, 0:4, 0:4] = red.view(3, 1, 1)  # a toy of the same colour far away: the window drops it
+    region = torch.zeros(64, 64, dtype=torch.bool)
+    region[20:44, 30:54] = True
+    far = rank_costs.centroid_cost(f, red, torch.tensor([31.5, 41.5]), np.ones(1), 0.1).item()
+    near = rank_costs.centroid_cost(f, red, torch.tensor([31.5, 41.5]), np.ones(1), 0.1, region).item()
+    assert far > 10 and near == pytest.approx(0, abs=0.05)
+    assert rank_costs.spearman(np.array([1.0, 2, 3]), np.array([10.0, 30, 20])) == pytest.approx(0.5)
+
+
+def test_rank_costs_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+    res = rank_costs.main(["--model_dir", tiny_run, "--scenes", "1", "--candidates", "20", "--object_weights", "30",
+                           "--out", str(tmp_path)])
+    s = json.loads((tmp_path / "plan" / "rank_costs.json").read_text())
+    assert set(s["summary"]) == {"image", "image, object weight 30", "centroid"} == set(res["summary"])
+    for v in s["summary"].values():
+        assert -1 <= v["model_spearman"] <= 1 and -1 <= v["true_spearman"] <= 1 and v["true_top10_distance"] > 0
 
 
 @pytest.mark.slow
