@@ -195,7 +195,8 @@ def latent_stats(model, dataset, n_past, n_future, device, batch_size=32):
     steps exceeds 0.01 nats. This is the activity threshold of Burda et al. (2016, Sec. 5.2), applied to
     each dimension's KL rather than to the variance of its posterior mean. kld_levels: each latent level's
     KL per time step (global z first; one level without spatial latents), summed over its dimensions; kld
-    is their sum; kld_per_step and the active dimensions are the global z's."""
+    is their sum; kld_per_step, kld_per_dim (averaged over the steps) and the active dimensions are the
+    global z's."""
     frames, conds = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)))
     T = n_past + n_future
     frames, conds = frames[:, :T].to(device), conds[:, :T].to(device) if model.cond_dim else None
@@ -206,4 +207,4 @@ def latent_stats(model, dataset, n_past, n_future, device, batch_size=32):
     kl, levels = out["kl"], out["kl_levels"] / (T - 1)  # (T-1, z_dim); (levels,) per step
     model.train(was_training)
     return {"kld": levels.sum().item(), "kld_per_step": kl.sum(1).tolist(), "kld_levels": levels.tolist(),
-            "active_dims": int((kl.mean(0) > ACTIVE_NATS).sum())}
+            "kld_per_dim": kl.mean(0).tolist(), "active_dims": int((kl.mean(0) > ACTIVE_NATS).sum())}

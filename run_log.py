@@ -10,7 +10,7 @@ import os
 import plots
 
 METRIC_FIELDS = ["epoch", "step", "loss", "mse", "kld", "beta", "tfr", "lr", "val_psnr", "seconds",
-                 "val_kld", "active_dims", "val_kld_per_step", "kld_levels", "val_kld_levels"]
+                 "val_kld", "active_dims", "val_kld_per_step", "kld_levels", "val_kld_levels", "val_kld_per_dim"]
 
 
 def run_name(args):

@@ -370,7 +370,8 @@ def epoch_row(run, args, optimizer, val):
            "kld_levels": [v / n for v in sums.get("kld_levels", [])]}
     if val is not None:
         row.update(val_psnr=val["psnr"], val_kld=val["kld"], active_dims=val["active_dims"],
-                   val_kld_per_step=val["kld_per_step"], val_kld_levels=val["kld_levels"])
+                   val_kld_per_step=val["kld_per_step"], val_kld_levels=val["kld_levels"],
+                   val_kld_per_dim=val["kld_per_dim"])
     return row
 
 

@@ -40,6 +40,8 @@ def test_training_writes_every_artefact(run_dir):
     assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [3, 6]
     assert [r["tfr"] for r in rows] == [1.0, 0.5] and all(r["val_psnr"] > 5 for r in rows)
     assert all(0 <= r["active_dims"] <= 4 and r["val_kld"] >= 0 and len(r["val_kld_per_step"]) == 11 for r in rows)
+    # each z dimension's KL, averaged over the steps: the active ones are those above 0.01 nats
+    assert all(len(r["val_kld_per_dim"]) == 4 and sum(v > 0.01 for v in r["val_kld_per_dim"]) == r["active_dims"] for r in rows)
     for f in ("curves.png", "model.pth", "last.pth", "gen/epoch_001.gif", "gen/epoch_001.png"):
         assert os.path.getsize(os.path.join(run_dir, f)) > 0, f
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tb")))
