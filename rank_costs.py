@@ -56,6 +56,11 @@ def get_args_parser():
     return p
 
 
+def to_float(a):
+    """uint8 array -> float tensor in [0, 1] (same layout)."""
+    return torch.from_numpy(np.asarray(a)).float().div(255)
+
+
 def spearman(a, b):
     """Spearman rank correlation of two 1-D arrays (no ties expected in continuous costs)."""
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
@@ -109,25 +114,23 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
         real.append(np.concatenate([env.step(a_k)[4]["frames"] for a_k in a]))
     env.restore_state(state)
     env.release_state(state)
-    to_t = lambda a: torch.from_numpy(np.asarray(a)).float().div(255)  # noqa: E731  uint8 HWC -> float
-    real = to_t(np.stack(real)).permute(0, 1, 4, 2, 3)  # (N, T, 3, H, W)
-    past = to_t(np.stack(frames[-n_past:])).permute(0, 3, 1, 2).to(device)
+    real = to_float(np.stack(real)).permute(0, 1, 4, 2, 3)  # (N, T, 3, H, W)
+    past = to_float(np.stack(frames[-n_past:])).permute(0, 3, 1, 2).to(device)
     c = plan.model_conds(np.stack(acts_hist[-(n_past - 1):]) if n_past > 1 else np.zeros((0, 4)),
                          np.stack(ees[-n_past:]), acts, pos, n_past, n_future)
     N = len(x)
     noise = [torch.zeros(N, n_past + n_future - 1, *s, device=device) for s in model.noise_shapes()]
     pred = plan.predict_frames(model, past.expand(N, -1, -1, -1, -1), torch.from_numpy(c).float().to(device),
                                n_future, noise).clamp(0, 1).cpu()
-    goal = to_t(task["goal"]).permute(2, 0, 1)
+    goal = to_float(task["goal"]).permute(2, 0, 1)
     weights = plan.frame_weights(n_future, args.last_weight)
     masks = [env.object_mask(i), env.object_mask(i, ee=task["goal_ee"], xy=target)]  # now, in the goal
-    colour = to_t(frames[-1])[torch.from_numpy(masks[0])].mean(0)  # the designated pixels' mean colour
-    goal_yx = torch.from_numpy(np.argwhere(masks[1]).mean(0)).float()
-    now_yx = torch.from_numpy(np.argwhere(masks[0]).mean(0)).float()
+    colour = to_float(frames[-1])[torch.from_numpy(masks[0])].mean(0)  # the designated pixels' mean colour
+    now_yx, goal_yx = (np.argwhere(m).mean(0) for m in masks)  # the object's centre now and in the goal (pixels)
     yy, xx = np.mgrid[:sim.IMAGE_SIZE, :sim.IMAGE_SIZE]
-    region = None if args.window <= 0 else torch.from_numpy(  # within --window pixels of the object or its goal
-        np.minimum(np.hypot(yy - now_yx[0].item(), xx - now_yx[1].item()),
-                   np.hypot(yy - goal_yx[0].item(), xx - goal_yx[1].item())) < args.window)
+    near = np.minimum(np.hypot(yy - now_yx[0], xx - now_yx[1]), np.hypot(yy - goal_yx[0], xx - goal_yx[1]))
+    region = torch.from_numpy(near < args.window) if args.window > 0 else None
+    goal_yx = torch.from_numpy(goal_yx).float()
     costs = {"image": lambda f: plan.image_cost(f, goal, weights, args.blur_sigma)}
     for w in args.weights:
         pw = plan.object_pixel_weights(masks, args.blur_sigma, w)
