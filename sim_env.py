@@ -5,6 +5,7 @@ data set, so a data set sequence replayed here from its seed gives the same fram
 (tests/test_sim_env.py checks it byte for byte).
 
     python sim_env.py --seed 3 --steps 5      # a few random actions; prints positions, writes a GIF
+    python sim_env.py --replay data/sim_data   # how often a data set's sequences move an object
 
 Observation: the 64x64x3 uint8 RGB frame. Action: the data's 4-vector (dx, dy in metres per frame,
 height command 0/1/2, gripper command 0 open / 1 closed), held for 2 frames as in BAIR, so `step`
@@ -198,17 +199,67 @@ class SimEnv(gym.Env):
         return ee, obj
 
 
+def object_displacements(env, data_root, split="train", n=200, planar=True):
+    """How much a data set's arm pushes: replays the first n sequences of `split` from their seeds and
+    actions (physics only, no rendering; planar=False zeroes dx, dy: the scenes left alone) and returns
+    (n, SEQ_LEN) metres, the largest xy displacement of any object from where it started, per frame."""
+    import json
+    import os
+    with open(os.path.join(data_root, "dataset_info.json")) as f:
+        info = json.load(f)
+    seed, count = int(info["seed"]), int(info["counts"][split])
+    out = []
+    for index, shard, k in sim.split_plan(split, count)[:n]:  # shard names depend on the split's size
+        path = os.path.join(data_root, split, shard, str(k), "actions.csv")
+        actions = np.loadtxt(path, delimiter=",", ndmin=2)
+        if actions.shape != (sim.SEQ_LEN, 4):
+            raise ValueError(f"{path}: expected {sim.SEQ_LEN} rows of 4 actions, got shape {actions.shape}")
+        if not planar:
+            actions[:, :2] = 0
+        env.reset(options={"seed_words": (seed, sim.SPLIT_CODE[split], index)})
+        start = env.scene.object_positions()[:, :2].copy()
+        d = [0.0]
+        for a in actions[:-1]:  # the action of frame t leads to frame t + 1
+            env.scene.apply(a)
+            d.append(float(np.linalg.norm(env.scene.object_positions()[:, :2] - start, axis=-1).max()))
+        out.append(d)
+    return np.array(out)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("Run the simulated pushing environment with random actions",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="environment scene seed")
     p.add_argument("--steps", type=int, default=5, help="random actions to take (each held for 2 frames)")
     p.add_argument("--gif", default="sim_env.gif", help="where to write the frames as a GIF ('' for none)")
+    p.add_argument("--replay", default="", metavar="DATA_ROOT",
+                   help="instead: replay this data set's first --sequences training sequences and report how often "
+                        "the arm moves an object, against the same scenes without arm motion")
+    p.add_argument("--sequences", type=int, default=200, help="--replay: sequences to replay")
+    p.add_argument("--frames", type=int, default=12, help="--replay: frames a model trains on (n_past + n_future)")
     return p
+
+
+def report_displacements(env, args):
+    if args.sequences < 1 or not 2 <= args.frames <= sim.SEQ_LEN:
+        raise SystemExit(f"--sequences must be >= 1 and --frames in [2, {sim.SEQ_LEN}]")
+    try:
+        res = {"with the data's actions": object_displacements(env, args.replay, n=args.sequences),
+               "without planar motion": object_displacements(env, args.replay, n=args.sequences, planar=False)}
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"--replay {args.replay}: {e}")
+    print(f"{args.sequences} training sequences: share in which some object moves more than 1 / 3 cm")
+    for name, d in res.items():
+        first, whole = d[:, args.frames - 1], d[:, -1]
+        print(f"  {name:<24} within {args.frames} frames {np.mean(first > 0.01):.2f} / {np.mean(first > 0.03):.2f}; "
+              f"within {sim.SEQ_LEN} {np.mean(whole > 0.01):.2f} / {np.mean(whole > 0.03):.2f}")
+    return res
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.replay:
+        return report_displacements(SimEnv(), args)
     if args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     env = SimEnv()

@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import make_sim_dataset as sim  # noqa: E402
+import sim_env  # noqa: E402
 from sim_env import SimEnv  # noqa: E402
 
 ACTIONS = [np.array([0.03, -0.02, 0, 1]), np.array([-0.01, 0.04, 0, 1]), np.array([0.02, 0.02, 1, 0])]
@@ -61,10 +62,16 @@ def test_actions_move_the_end_effector(env):
     assert np.allclose(step, [0.03, -0.02], atol=0.004)
 
 
-def test_replaying_a_data_set_sequence_reproduces_its_files(tmp_path, env):
-    """Frames and CSV bytes of every sequence of a tiny set, replayed from its seed and actions."""
-    root = tmp_path / "data"
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "sim"
     sim.generate(str(root), n_train=2, n_validate=1, n_test=1, seed=3, workers=0, progress=False)
+    return root
+
+
+def test_replaying_a_data_set_sequence_reproduces_its_files(tiny_set, env):
+    """Frames and CSV bytes of every sequence of a tiny set, replayed from its seed and actions."""
+    root = tiny_set
     n = 0
     for split in sim.SPLITS:
         for index, shard, k in sim.split_plan(split, {"train": 2, "validate": 1, "test": 1}[split]):
@@ -84,6 +91,18 @@ def test_replaying_a_data_set_sequence_reproduces_its_files(tmp_path, env):
             assert buf.getvalue() == (d / "endeffector_positions.csv").read_bytes(), d
             n += 1
     assert n == 4
+
+
+def test_object_displacements_of_a_data_set(tiny_set, env):
+    """The replayed pushes: per frame, the largest object displacement; none without planar arm motion."""
+    d = sim_env.object_displacements(env, str(tiny_set), n=2)
+    still = sim_env.object_displacements(env, str(tiny_set), n=2, planar=False)
+    assert d.shape == still.shape == (2, sim.SEQ_LEN) and np.all(d[:, 0] == 0) and np.all(d >= 0)
+    assert still.max() < 0.005 and d.max() > still.max()
+    res = sim_env.main(["--replay", str(tiny_set), "--sequences", "2"])
+    assert np.array_equal(res["with the data's actions"], d)
+    with pytest.raises(SystemExit, match="--replay"):
+        sim_env.main(["--replay", str(tiny_set / "nowhere"), "--sequences", "1"])
 
 
 def test_goal_image_and_cloned_states_leave_the_episode_untouched(env):
