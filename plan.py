@@ -98,6 +98,24 @@ def load_model(model_dir, checkpoint, device):
     return model, int(args.get("n_past", 2)), int(args.get("n_future", 10))
 
 
+def open_model(parser, args):
+    """load_model for a command line with --model_dir, --checkpoint and --device: errors name the flag.
+    Returns (model, n_past, n_future, device)."""
+    try:
+        device = runtime.choose_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    if not os.path.isdir(args.model_dir):
+        parser.error(f"--model_dir {args.model_dir}: no such directory")
+    try:
+        model, n_past, n_future = load_model(args.model_dir, args.checkpoint, device)
+    except checkpoints.CheckpointError as e:
+        sys.exit(f"error: --model_dir/--checkpoint: {e}")
+    if n_future < FRAMES_PER_ACTION or n_future % FRAMES_PER_ACTION:
+        sys.exit(f"error: the run's n_future={n_future} is not a whole number of {FRAMES_PER_ACTION}-frame actions")
+    return model, n_past, n_future, device
+
+
 def predict_frames(model, frames, conds, n_future, noise=None):
     """The model's prediction of n_future frames: frames (B, n_past, 3, 64, 64) in [0, 1], conds
     (B, n_past + n_future, 7), noise (B, n_past + n_future - 1, z_dim), or a list with the spatial latent levels'
@@ -432,18 +450,7 @@ def main(argv=None):
         parser.error("--init_std and --last_weight must be > 0, --blur_sigma and --object_weight >= 0")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    try:
-        device = runtime.choose_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    if not os.path.isdir(args.model_dir):
-        parser.error(f"--model_dir {args.model_dir}: no such directory")
-    try:
-        model, n_past, n_future = load_model(args.model_dir, args.checkpoint, device)
-    except checkpoints.CheckpointError as e:
-        sys.exit(f"error: --model_dir/--checkpoint: {e}")
-    if n_future < FRAMES_PER_ACTION or n_future % FRAMES_PER_ACTION:
-        sys.exit(f"error: the run's n_future={n_future} is not a whole number of {FRAMES_PER_ACTION}-frame actions")
+    model, n_past, n_future, device = open_model(parser, args)
     if args.replan_every > n_future // FRAMES_PER_ACTION:
         parser.error(f"--replan_every {args.replan_every}: the horizon has only {n_future // FRAMES_PER_ACTION} actions")
     out = os.path.join(args.out or args.model_dir, "plan")

@@ -23,7 +23,6 @@ import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch l
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
@@ -159,18 +158,7 @@ def main(argv=None):
         parser.error("--scenes must be >= 1, --candidates >= 20, --seed >= 0")
     if args.init_std <= 0 or args.last_weight <= 0 or args.blur_sigma < 0 or args.colour_tau <= 0 or args.window < 0:
         parser.error("--init_std, --last_weight and --colour_tau must be > 0, --blur_sigma and --window >= 0")
-    try:
-        device = runtime.choose_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    if not os.path.isdir(args.model_dir):
-        parser.error(f"--model_dir {args.model_dir}: no such directory")
-    try:
-        model, n_past, n_future = plan.load_model(args.model_dir, args.checkpoint, device)
-    except checkpoints.CheckpointError as e:
-        sys.exit(f"error: --model_dir/--checkpoint: {e}")
-    if n_future < plan.FRAMES_PER_ACTION or n_future % plan.FRAMES_PER_ACTION:
-        sys.exit(f"error: the run's n_future={n_future} is not a whole number of {plan.FRAMES_PER_ACTION}-frame actions")
+    model, n_past, n_future, device = plan.open_model(parser, args)
     env = SimEnv()
     scenes, per_cost = [], {}
     for k in range(args.scenes):

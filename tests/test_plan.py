@@ -129,13 +129,17 @@ def test_centroid_cost_follows_the_coloured_object_and_ignores_the_rest():
     assert rank_costs.spearman(np.array([1.0, 2, 3]), np.array([10.0, 30, 20])) == pytest.approx(0.5)
 
 
-def test_rank_costs_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+def test_rank_costs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, capsys):
     res = rank_costs.main(["--model_dir", tiny_run, "--scenes", "1", "--candidates", "20", "--object_weights", "30",
                            "--out", str(tmp_path)])
     s = json.loads((tmp_path / "plan" / "rank_costs.json").read_text())
     assert set(s["summary"]) == {"image", "image, object weight 30", "centroid"} == set(res["summary"])
     for v in s["summary"].values():
         assert -1 <= v["model_spearman"] <= 1 and -1 <= v["true_spearman"] <= 1 and v["true_top10_distance"] > 0
+    for flags, name in ((["--object_weights", "3,x"], "--object_weights"), (["--scenes", "0"], "--scenes")):
+        with pytest.raises(SystemExit):
+            rank_costs.main(["--model_dir", tiny_run] + flags)
+        assert name in capsys.readouterr().err
 
 
 @pytest.mark.slow
