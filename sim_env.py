@@ -27,6 +27,8 @@ itself as its model (plan.py's oracle).
 Only one SimEnv per process: the scene lives in this process's pybullet clients (make_sim_dataset._sim).
 """
 import argparse
+import json
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -203,8 +205,6 @@ def object_displacements(env, data_root, split="train", n=200, planar=True):
     """How much a data set's arm pushes: replays the first n sequences of `split` from their seeds and
     actions (physics only, no rendering; planar=False zeroes dx, dy: the scenes left alone) and returns
     (n, SEQ_LEN) metres, the largest xy displacement of any object from where it started, per frame."""
-    import json
-    import os
     with open(os.path.join(data_root, "dataset_info.json")) as f:
         info = json.load(f)
     seed, count = int(info["seed"]), int(info["counts"][split])
