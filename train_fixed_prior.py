@@ -30,7 +30,7 @@ import checkpoints
 import evaluation
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
 from kl_annealing import kl_weight_from_args, learning_rate_from_args, teacher_forcing_ratio_from_args
-from models import ARCH_KEYS, COND_CONVS, CVAE, PRIORS, fast
+from models import ARCH_KEYS, COND_CONVS, CVAE, MOTIONS, PRIORS, fast
 from run_log import RunLog, run_name
 
 
@@ -90,6 +90,11 @@ def get_args_parser():
       help="1: the global z alone (SVG); 2: also a spatial latent at 8x8; 3: also at 16x16. Each spatial level has "
            "its own top-down posterior and prior (N(0, I), or a conv head with --prior learned); KL = sum over levels")
     g("--z_spatial_dim", type=int, default=4, help="channels of each spatial latent level (with --latent_levels > 1)")
+    g("--motion", default="none", choices=list(MOTIONS),
+      help="none: the decoder paints each frame (SVG); cdna / flow: each frame mixes, with per-pixel masks, the "
+           "decoder's image and the step's input frame moved by --motion_kernels 5x5 kernels (CDNA, Finn et al. "
+           "2016; shifts up to 2 px) or dense flow fields (bilinear warps, any shift)")
+    g("--motion_kernels", type=int, default=4, help="kernels (cdna) or flow fields (flow) with --motion")
     g = p.add_argument_group("data and logs").add_argument
     g("--data_root", default="./data/processed_data", help="root holding train/ validate/ test/ in the lab layout")
     g("--log_dir", default="./logs/fp", help="base directory; each run gets a sub-directory named by its settings")
@@ -130,7 +135,7 @@ def check_args(args, parser):
     for name in ("niter", "epoch_size", "kl_anneal_cycle", "eval_every", "plot_every", "eval_batch_size",
                  "rnn_size", "g_dim", "z_dim", "base_channels", "cond_embed_dim",
                  "predictor_rnn_layers", "posterior_rnn_layers", "prior_rnn_layers", "max_bad_steps",
-                 "condconv_experts", "z_spatial_dim"):
+                 "condconv_experts", "z_spatial_dim", "motion_kernels"):
         if getattr(args, name) < 1:
             e(f"--{name} {getattr(args, name)}: must be a positive integer")
     if args.batch_size < 2:

@@ -3,8 +3,10 @@ N(0, I) (SVG-FP, the course's model) or a learned prior (SVG-LP, `prior="learned
 embedding of the robot's condition (action + end-effector position), or no condition (`cond_dim=0`).
 With `cond_conv` the condition embedding also modulates the decoder's convolutions (models/vgg_64.py:
 FiLM or CondConv); with `latent_levels` 2 or 3, spatial latents at 8x8 (and 16x16) join the global z,
-inferred top-down in the decoder (NVAE, Vahdat & Kautz 2020; Castrejon et al. 2019). The defaults
-("none", 1) are the model above, parameter for parameter.
+inferred top-down in the decoder (NVAE, Vahdat & Kautz 2020; Castrejon et al. 2019); with
+`motion` "cdna" or "flow" each frame is a per-pixel mix of `motion_kernels` learned transformations of
+the step's input frame and the decoder's image (Finn et al. 2016). The defaults ("none", 1, "none") are
+the model above, parameter for parameter.
 
 Two methods, both the recurrence of SVG Sec. 3 read one time step at a time:
   forward  -> training losses: teacher forcing (optional), z from the posterior q(z_t | x_{1:t});
@@ -16,6 +18,7 @@ inference rollout); the training loop and the evaluation use those, tested equal
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .lstm import gaussian_lstm, kl_divergence, lstm, reparameterize
 from .vgg_64 import COND_CONVS, CondConv2d, FiLM, vgg_decoder, vgg_encoder
@@ -24,7 +27,7 @@ from .vgg_64 import COND_CONVS, CondConv2d, FiLM, vgg_decoder, vgg_encoder
 # test.py rebuilds the model without architecture flags.
 ARCH_KEYS = ("g_dim", "z_dim", "rnn_size", "predictor_rnn_layers", "posterior_rnn_layers", "cond_dim",
              "cond_embed_dim", "base_channels", "last_frame_skip", "prior", "prior_rnn_layers", "cond_conv",
-             "condconv_experts", "latent_levels", "z_spatial_dim")
+             "condconv_experts", "latent_levels", "z_spatial_dim", "motion", "motion_kernels")
 PRIORS = ("fixed", "learned")
 
 
@@ -45,11 +48,88 @@ def init_weights(m):
         nn.init.zeros_(m.proj.bias)
 
 
+class PixelMotion(nn.Module):
+    """A pixel-motion output: the step's input frame is moved K ways, and per-pixel masks (a softmax over
+    K + 1 channels the decoder outputs) mix those K frames and the decoder's own image (Finn et al. 2016,
+    Sec. 3). What moves (the arm, a pushed object) is copied from where it was instead of painted anew.
+
+    kind "cdna": K normalised 5x5 kernels (a softmax over the taps) predicted from the step's code g, each
+        applied to the whole frame (CDNA, Finn et al. 2016, Sec. 3.1): shifts of up to 2 pixels.
+    kind "flow": K dense flow fields in pixels from the decoder (2K more output channels), each warping the
+        frame by bilinear sampling, x'(p) = x(p + f(p)) (as SAVP's flow, Lee et al. 2018): any shift, at a
+        cost that does not grow with it (the arm moves 3 pixels per frame in the median, up to 8).
+    """
+    KINDS = ("none", "cdna", "flow")
+
+    def __init__(self, kind, g_dim, kernels, size=5, nc=3):
+        super().__init__()
+        if kind not in ("cdna", "flow") or kernels < 1:
+            raise ValueError(f"PixelMotion(kind={kind!r}, kernels={kernels}): expected cdna or flow and kernels >= 1")
+        self.kind, self.kernels, self.size, self.nc = kind, kernels, size, nc
+        self.proj = nn.Linear(g_dim, kernels * size * size) if kind == "cdna" else None
+
+    @staticmethod
+    def extra_channels(kind, kernels):
+        """Decoder output channels beyond the image: K + 1 mask logits, and 2K flow channels with "flow"."""
+        return {"none": 0, "cdna": kernels + 1, "flow": 3 * kernels + 1}[kind]
+
+    def reset_parameters(self):
+        """CDNA: weights N(0, 0.02) and the centre tap's logit at 4, so every kernel starts near the
+        identity (0.69 of its weight on the centre): a new model starts by copying its input frame. (A new
+        flow is near zero already: the decoder's last layer is initialised N(0, 0.02).)"""
+        if self.proj is None:
+            return
+        nn.init.normal_(self.proj.weight, 0.0, 0.02)
+        bias = torch.zeros(self.kernels, self.size * self.size)
+        bias[:, self.size * self.size // 2] = 4.0
+        with torch.no_grad():
+            self.proj.bias.copy_(bias.flatten())
+
+    def forward(self, out, prev, g):
+        """out: the decoder's output (N, nc + extra_channels, H, W): the image in [0, 1], K + 1 mask logits,
+        then (flow) K flow fields (dx, dy) in pixels; prev: the step's input frame (N, nc, H, W) in [0, 1];
+        g: the step's code (N, g_dim). Returns the frame (N, nc, H, W) in [0, 1] (a convex mix)."""
+        N, _, H, W = prev.shape
+        K = self.kernels
+        moved = self.cdna(prev, g) if self.kind == "cdna" else self.flow(prev, out[:, self.nc + K + 1:])
+        masks = torch.softmax(out[:, self.nc: self.nc + K + 1], 1)  # (N, K + 1, H, W) (Finn et al., Eq. 3)
+        candidates = torch.cat([moved, out[:, None, : self.nc].to(moved.dtype)], 1)  # (N, K + 1, nc, H, W)
+        return (masks[:, :, None] * candidates).sum(1)
+
+    def cdna(self, prev, g):
+        """prev (N, nc, H, W), g (N, g_dim) -> the K moved frames (N, K, nc, H, W)."""
+        N, _, H, W = prev.shape
+        K, k = self.kernels, self.size
+        w = torch.softmax(self.proj(g).view(N, K, k * k), -1)  # (N, K, k*k), each kernel sums to 1 (Eq. 2)
+        # Each sample's K kernels on each of its channels in one grouped convolution: the channels as the
+        # batch, the samples as the groups. Replicated borders: what moves in from outside is the border.
+        x = F.pad(prev.transpose(0, 1), (k // 2,) * 4, mode="replicate")  # (nc, N, H + k - 1, W + k - 1)
+        y = F.conv2d(x, w.reshape(N * K, 1, k, k).to(x.dtype), groups=N)  # (nc, N * K, H, W)
+        return y.view(self.nc, N, K, H, W).permute(1, 2, 0, 3, 4)  # (N, K, nc, H, W)
+
+    def flow(self, prev, flow):
+        """prev (N, nc, H, W), flow (N, 2K, H, W) in pixels (dx, dy per field) -> (N, K, nc, H, W)."""
+        N, _, H, W = prev.shape
+        K = self.kernels
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=prev.device),
+                                torch.linspace(-1, 1, W, device=prev.device), indexing="ij")
+        base = torch.stack([xs, ys], -1)  # (H, W, 2): grid_sample's (x, y) in [-1, 1], corners aligned
+        scale = torch.tensor([2 / (W - 1), 2 / (H - 1)], device=prev.device)  # pixels -> grid units
+        f = flow.float().view(N, K, 2, H, W).permute(0, 1, 3, 4, 2)  # (N, K, H, W, 2)
+        grid = (base + f * scale).reshape(N * K, H, W, 2)
+        src = prev.float()[:, None].expand(N, K, -1, H, W).reshape(N * K, -1, H, W)  # (N * K, nc, H, W)
+        y = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return y.view(N, K, -1, H, W)
+
+
 class CVAE(nn.Module):
     def __init__(self, g_dim=128, z_dim=64, rnn_size=256, predictor_rnn_layers=2, posterior_rnn_layers=1,
                  cond_dim=7, cond_embed_dim=32, base_channels=64, last_frame_skip=False, prior="fixed",
-                 prior_rnn_layers=1, cond_conv="none", condconv_experts=4, latent_levels=1, z_spatial_dim=4):
+                 prior_rnn_layers=1, cond_conv="none", condconv_experts=4, latent_levels=1, z_spatial_dim=4,
+                 motion="none", motion_kernels=4):
         super().__init__()
+        if motion not in PixelMotion.KINDS:
+            raise ValueError(f"motion={motion!r}: expected one of {PixelMotion.KINDS}")
         if prior not in PRIORS:
             raise ValueError(f"prior={prior!r}: expected one of {PRIORS}")
         if cond_conv not in COND_CONVS:
@@ -64,7 +144,10 @@ class CVAE(nn.Module):
         # The decoder of step t sees the same embed(cond_{t-1}) as the predictor when cond_conv is not "none",
         # and holds the spatial latent levels (their posteriors, priors and injection) when latent_levels > 1.
         self.decoder = vgg_decoder(g_dim, base_channels, cond_conv=cond_conv, cond_dim=e, experts=condconv_experts,
-                                   levels=latent_levels, z_spatial_dim=z_spatial_dim, learned_prior=prior == "learned")
+                                   levels=latent_levels, z_spatial_dim=z_spatial_dim, learned_prior=prior == "learned",
+                                   extra_out=PixelMotion.extra_channels(motion, motion_kernels))
+        # The pixel-motion output: the decoder then also gives the masks (and the flow fields).
+        self.motion = PixelMotion(motion, g_dim, motion_kernels) if motion != "none" else None
         self.cond_embed = nn.Linear(cond_dim, cond_embed_dim) if cond_dim else None
         self.frame_predictor = lstm(g_dim + z_dim + e, g_dim, rnn_size, predictor_rnn_layers)
         self.posterior = gaussian_lstm(g_dim, z_dim, rnn_size, posterior_rnn_layers)
@@ -75,6 +158,8 @@ class CVAE(nn.Module):
         self.register_buffer("cond_mean", torch.zeros(cond_dim))
         self.register_buffer("cond_std", torch.ones(cond_dim))
         self.apply(init_weights)
+        if self.motion is not None:
+            self.motion.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg):
@@ -115,6 +200,7 @@ class CVAE(nn.Module):
         noise, spatial = self.draw_noise(noise, B, T, frames.device)
         c = self.embed_conditions(conds, B, T)  # (B, T-1, E)
         h, skips = self.encoder(frames[:, 0])  # h_0 and the skips of frame 0
+        x_in = frames[:, 0]  # the step's input frame, whose code is h
         state_q = state_p = state_f = None
         preds, kls, kls_spatial = [], [], []
         for t in range(1, T):
@@ -123,14 +209,14 @@ class CVAE(nn.Module):
             mu_p, logvar_p, state_p = self.prior_step(h, state_p)  # p(z_t | x_{1:t-1}); N(0, I) when fixed
             g, state_f = self.frame_predictor(torch.cat([h, z, c[:, t - 1]], 1), state_f)
             # (B, C, H, W); the spatial levels' z from their posteriors on the true frame t's features
-            x_hat, stats = self.decode(g, skips, c[:, t - 1], skips_t, [n[:, t - 1] for n in spatial])
+            x_hat, stats = self.decode(g, skips, c[:, t - 1], skips_t, [n[:, t - 1] for n in spatial], x_in)
             preds.append(x_hat)
             kls.append(kl_divergence(mu_q, logvar_q, mu_p, logvar_p))  # (B, z_dim)
             kls_spatial.append([kl_divergence(*st).sum((1, 2, 3)) for st in stats])  # each level's (B,)
             if teacher_forcing or t < n_past:
-                h, skips_in = h_t, skips_t
+                h, skips_in, x_in = h_t, skips_t, frames[:, t]
             else:
-                h, skips_in = self.encoder(x_hat)
+                (h, skips_in), x_in = self.encoder(x_hat), x_hat
             # Skips come from the last given frame (SVG), or from every input frame with last_frame_skip.
             if self.last_frame_skip or t < n_past:
                 skips = skips_in
@@ -155,6 +241,7 @@ class CVAE(nn.Module):
         noise, spatial = self.draw_noise(noise, B, T, frames.device)
         c = self.embed_conditions(conds, B, T)
         h, skips = self.encoder(frames[:, 0])
+        x_in = frames[:, 0]
         state_q = state_p = state_f = None
         preds = []
         for t in range(1, T):
@@ -166,23 +253,36 @@ class CVAE(nn.Module):
                 z = self.sample_prior(mu_p, logvar_p, noise[:, t - 1])
             g, state_f = self.frame_predictor(torch.cat([h, z, c[:, t - 1]], 1), state_f)
             if t < n_past:  # a given frame: the next input is the true one
-                h, skips = h_t, skips_t
+                h, skips, x_in = h_t, skips_t, frames[:, t]
                 continue
             # the spatial levels' z from their posteriors with posterior=True, else from their priors
             targets = skips_t if posterior else None
-            x_hat, _ = self.decode(g, skips, c[:, t - 1], targets, [n[:, t - 1] for n in spatial])
+            x_hat, _ = self.decode(g, skips, c[:, t - 1], targets, [n[:, t - 1] for n in spatial], x_in)
             preds.append(x_hat)
-            h, skips_in = self.encoder(x_hat)
+            (h, skips_in), x_in = self.encoder(x_hat), x_hat
             if self.last_frame_skip:
                 skips = skips_in
         return torch.stack(preds, 1)
 
-    def decode(self, g, skips, c, targets=None, noise=()):
+    def decode(self, g, skips, c, targets=None, noise=(), x_in=None):
         """The decoder of one step: frames (B, C, H, W) and the spatial levels' Gaussians (vgg_decoder.forward;
-        an empty list with one level). targets: the true frame's skips (posterior z), or None (prior z)."""
+        an empty list with one level). targets: the true frame's skips (posterior z), or None (prior z);
+        x_in: the step's input frame (B, C, H, W), which the pixel-motion output moves (see compose)."""
         if self.latent_levels == 1:
-            return self.decoder(g, skips, c), []
-        return self.decoder(g, skips, c, targets, noise)
+            out, stats = self.decoder(g, skips, c), []
+        else:
+            out, stats = self.decoder(g, skips, c, targets, noise)
+        return self.compose(out, x_in, g), stats
+
+    def compose(self, out, x_in, g):
+        """The step's frame from the decoder's output: out itself (SVG), or with motion the mix of x_in, the
+        step's input frame, moved by CDNA kernels from g or by flow fields, and the decoder's image (PixelMotion).
+        out (..., C [+ K + 1], H, W), x_in (..., C, H, W), g (..., g_dim), any matching leading shape."""
+        if self.motion is None:
+            return out
+        lead = out.shape[:-3]
+        y = self.motion(out.reshape(-1, *out.shape[-3:]), x_in.reshape(-1, *x_in.shape[-3:]), g.reshape(-1, g.shape[-1]))
+        return y.reshape(*lead, *y.shape[1:])  # (..., C, H, W)
 
     def noise_shapes(self):
         """One step's noise shape per latent level, global first: [(z_dim,), (zs, 8, 8), (zs, 16, 16)][:levels]."""

@@ -27,7 +27,8 @@ layers run in their plain form (the upsampled input concatenated with the skip),
 Their BatchNorm still folds into the experts (inference_copy). FiLM follows the BatchNorm, so it changes
 none of the tricks. The spatial latent levels (latent_levels > 1) have no BatchNorm in their heads and
 enter through a convolution added to a block's first one, so decode computes them on its (B*T) rows with
-every trick kept.
+every trick kept. The pixel-motion output (motion_kernels > 0) follows the decoder: every rollout here
+passes decode's output through model.compose with the step's input frame, as the plain form does.
 
     python -c "import models.fast as f; help(f.forward_batched)"
 """
@@ -71,6 +72,7 @@ def forward_batched(model, frames, conds, n_past, noise=None):
     terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]
     # The spatial levels' posteriors see the true frames 1..T-1: step t's targets are frame t's skips.
     pred, stats = decode(model.decoder, g, terms, c, [s[:, 1:] for s in skips], spatial)  # (B, T-1, C, H, W)
+    pred = model.compose(pred, frames[:, :-1], g)  # step t's input frame is frame t-1
     return model.losses(frames, pred, kl_divergence(mu_q, logvar_q, mu_p, logvar_p), _spatial_kl(stats))
 
 
@@ -90,7 +92,7 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
     mu_q, logvar_q = gaussian_lstm_sequence(model.posterior, h_gt[:, 1:])  # q(z_t | x_{1:t})
     z = reparameterize(mu_q, logvar_q, noise)
     c = model.embed_conditions(conds, B, T)
-    h, skip_frame, terms = h_gt[:, 0], [s[:, 0] for s in skips_gt], None
+    h, skip_frame, terms, x_in = h_gt[:, 0], [s[:, 0] for s in skips_gt], None, frames[:, 0]
     state_p = state_f = None
     preds, mus_p, logvars_p, kls_spatial = [], [], [], []
     for t in range(1, T):
@@ -102,14 +104,14 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
             terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
         x_hat, stats = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t],
                               [s[:, t: t + 1] for s in skips_gt], [n[:, t - 1: t] for n in spatial])
-        x_hat = x_hat[:, 0]  # (B, C, H, W)
+        x_hat = model.compose(x_hat[:, 0], x_in, g)  # (B, C, H, W)
         preds.append(x_hat)
         kls_spatial.append(_spatial_kl(stats))  # each level's (B, 1)
         if t < n_past:
-            h, skip_frame = h_gt[:, t], [s[:, t] for s in skips_gt]
+            h, skip_frame, x_in = h_gt[:, t], [s[:, t] for s in skips_gt], frames[:, t]
         elif t < T - 1:
             h, skip_frame = encode(model.encoder, x_hat[:, None])
-            h, skip_frame = h[:, 0], [s[:, 0] for s in skip_frame]
+            h, skip_frame, x_in = h[:, 0], [s[:, 0] for s in skip_frame], x_hat
     mu_p = logvar_p = None
     if model.prior is not None:
         mu_p, logvar_p = torch.stack(mus_p, 1), torch.stack(logvars_p, 1)  # (B, T-1, z)
@@ -125,7 +127,7 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False)
     noise, spatial = model.draw_noise(noise, B, T, frames.device)
     h_gt, skips_gt = encode(model.encoder, frames[:, : T if posterior else n_past])  # (B, n, g)
     c = model.embed_conditions(conds, B, T)
-    h, skip_frame, terms = h_gt[:, 0], [s[:, 0] for s in skips_gt], None
+    h, skip_frame, terms, x_in = h_gt[:, 0], [s[:, 0] for s in skips_gt], None, frames[:, 0]
     state_q = state_p = state_f = None
     preds = []
     for t in range(1, T):
@@ -136,17 +138,18 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False)
             z = model.sample_prior(mu_p, logvar_p, noise[:, t - 1])
         g, state_f = model.frame_predictor(torch.cat([h, z, c[:, t - 1]], 1), state_f)
         if t < n_past:
-            h, skip_frame = h_gt[:, t], [s[:, t] for s in skips_gt]
+            h, skip_frame, x_in = h_gt[:, t], [s[:, t] for s in skips_gt], frames[:, t]
             continue
         if terms is None or model.last_frame_skip:
             terms = skip_terms(model.decoder, skip_frame)  # each (B, c, r, r)
         targets = [s[:, t: t + 1] for s in skips_gt] if posterior else None  # the spatial levels' posterior or prior
         x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t], targets,
-                       [n[:, t - 1: t] for n in spatial])[0][:, 0]  # (B, C, H, W)
+                       [n[:, t - 1: t] for n in spatial])[0][:, 0]
+        x_hat = model.compose(x_hat, x_in, g)  # (B, C, H, W)
         preds.append(x_hat)
         if t < T - 1:  # the last prediction is not fed back
             h, skip_frame = encode(model.encoder, x_hat[:, None])
-            h, skip_frame = h[:, 0], [s[:, 0] for s in skip_frame]
+            h, skip_frame, x_in = h[:, 0], [s[:, 0] for s in skip_frame], x_hat
     return torch.stack(preds, 1)
 
 

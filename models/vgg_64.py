@@ -13,6 +13,8 @@ parameter):
               Kautz 2020, Sec. 3; Castrejon et al. 2019): each level has a posterior head on the true
               frame's encoder features and the decoder's top-down features at that resolution, a prior
               (N(0, I), or a head on the top-down features alone) and enters the decoder there.
+  extra_out   extra output channels, returned as logits after the image's nc channels (the image alone
+              stays in [0, 1]): the masks of models/cvae.py's pixel-motion output.
 """
 import itertools
 
@@ -92,6 +94,17 @@ def condconv2d(x, weight, bias, r):
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
+class SigmoidFirst(nn.Module):
+    """Sigmoid on the first n channels of (N, C, H, W), the others passed through."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return torch.cat([torch.sigmoid(x[:, : self.n]), x[:, self.n:]], 1)
+
+
 def level_resolutions(levels):
     """Resolutions of the spatial latent levels below the global z, coarsest first: () for 1 level, (8,)
     for 2, (8, 16) for 3. Level i sits at decoder block i."""
@@ -125,7 +138,7 @@ class vgg_encoder(nn.Module):
 
 class vgg_decoder(nn.Module):
     def __init__(self, dim, base_channels=64, nc=3, cond_conv="none", cond_dim=0, experts=4, levels=1,
-                 z_spatial_dim=4, learned_prior=False):
+                 z_spatial_dim=4, learned_prior=False, extra_out=0):
         super().__init__()
         if cond_conv not in COND_CONVS:
             raise ValueError(f"cond_conv={cond_conv!r}: expected one of {COND_CONVS}")
@@ -141,7 +154,9 @@ class vgg_decoder(nn.Module):
         self.upc2 = nn.Sequential(layer(16 * b, 8 * b), layer(8 * b, 8 * b), layer(8 * b, 4 * b))  # 8x8
         self.upc3 = nn.Sequential(layer(8 * b, 4 * b), layer(4 * b, 4 * b), layer(4 * b, 2 * b))  # 16x16
         self.upc4 = nn.Sequential(layer(4 * b, 2 * b), layer(2 * b, b))  # 32x32
-        self.upc5 = nn.Sequential(layer(2 * b, b), nn.ConvTranspose2d(b, nc, 3, 1, 1), nn.Sigmoid())  # 64x64
+        # 64x64; with extra_out the sigmoid covers the image's channels only (the rest are mask logits)
+        self.upc5 = nn.Sequential(layer(2 * b, b), nn.ConvTranspose2d(b, nc + extra_out, 3, 1, 1),
+                                  SigmoidFirst(nc) if extra_out else nn.Sigmoid())
         # FiLM on the decoder only: the encoder also encodes the posterior's target frames, whose code must
         # not depend on the action; and the decoder is where the condition should show in the picture.
         self.film = nn.ModuleList(
@@ -192,7 +207,8 @@ class vgg_decoder(nn.Module):
         four maps of the true frame (z from the posterior) or None (z from the prior), and noise, standard
         normal [(B, zs, r, r) per spatial level], coarsest first.
 
-        Returns frames (B, C, 64, 64) in [0, 1]; with levels > 1 also a list of each spatial level's
+        Returns frames (B, C, 64, 64) in [0, 1] (with extra_out, (B, C + extra_out, 64, 64): the extra
+        channels are logits); with levels > 1 also a list of each spatial level's
         (mu_q, logvar_q, mu_p, logvar_p), each (B, zs, r, r) or None (see latent).
         """
         d = self.upc1(g[:, :, None, None])  # (B, 8b, 4, 4)

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     arch = dict(TINY_ARCH, predictor_rnn_layers=2, posterior_rnn_layers=1, cond_dim=7, last_frame_skip=False,
                 prior="fixed", prior_rnn_layers=1, cond_conv="none", condconv_experts=4,
-                latent_levels=1, z_spatial_dim=4)
+                latent_levels=1, z_spatial_dim=4, motion="none", motion_kernels=4)
     assert set(arch) == set(ARCH_KEYS)
     checkpoints.save_checkpoint(str(d / "model.pth"), {"model": model.state_dict(), "arch": arch,
                                                  "args": {**arch, "n_past": 2, "n_future": 10}, "epoch": 0, "step": 0})

@@ -277,6 +277,19 @@ def test_extras_train_log_and_rebuild_in_test_script(sim_root, tmp_path):
         assert m["n_sequences"] == 5 and 5 < m["psnr"] < 100
 
 
+@pytest.mark.slow
+def test_pixel_motion_trains_and_rebuilds_in_test_script(sim_root, tmp_path):
+    """--motion: a run of each kind (half fed back) saves it in its architecture and test.py rebuilds it."""
+    for kind in ("cdna", "flow"):
+        run = _train(sim_root, tmp_path / kind, "--niter", "1", "--epoch_size", "2", "--plot_every", "9",
+                     "--motion", kind, "--motion_kernels", "2", "--tfr", "0.5")
+        assert run.endswith(f"-motion={kind}-2")
+        arch = checkpoints.load_checkpoint(os.path.join(run, "model.pth"))["arch"]
+        assert arch["motion"] == kind and arch["motion_kernels"] == 2
+        m = test_script.main(["--model_dir", run, "--out", str(tmp_path / kind / "t")])
+        assert m["n_sequences"] == 5 and 5 < m["psnr"] < 100
+
+
 def test_amp_auto_resolution(monkeypatch):
     """--amp auto: bf16 exactly where the CPU has native bf16 units (the probe mocked both ways)."""
     import runtime
