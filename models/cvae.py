@@ -89,7 +89,6 @@ class PixelMotion(nn.Module):
         """out: the decoder's output (N, nc + extra_channels, H, W): the image in [0, 1], K + 1 mask logits,
         then (flow) K flow fields (dx, dy) in pixels; prev: the step's input frame (N, nc, H, W) in [0, 1];
         g: the step's code (N, g_dim). Returns the frame (N, nc, H, W) in [0, 1] (a convex mix)."""
-        N, _, H, W = prev.shape
         K = self.kernels
         moved = self.cdna(prev, g) if self.kind == "cdna" else self.flow(prev, out[:, self.nc + K + 1:])
         masks = torch.softmax(out[:, self.nc: self.nc + K + 1], 1)  # (N, K + 1, H, W) (Finn et al., Eq. 3)
