@@ -29,6 +29,7 @@ ARCH_KEYS = ("g_dim", "z_dim", "rnn_size", "predictor_rnn_layers", "posterior_rn
              "cond_embed_dim", "base_channels", "last_frame_skip", "prior", "prior_rnn_layers", "cond_conv",
              "condconv_experts", "latent_levels", "z_spatial_dim", "motion", "motion_kernels")
 PRIORS = ("fixed", "learned")
+MOTIONS = ("none", "cdna", "flow")  # the frame as the decoder paints it, or a PixelMotion kind
 
 
 def init_weights(m):
@@ -59,11 +60,9 @@ class PixelMotion(nn.Module):
         frame by bilinear sampling, x'(p) = x(p + f(p)) (as SAVP's flow, Lee et al. 2018): any shift, at a
         cost that does not grow with it (the arm moves 3 pixels per frame in the median, up to 8).
     """
-    KINDS = ("none", "cdna", "flow")
-
     def __init__(self, kind, g_dim, kernels, size=5, nc=3):
         super().__init__()
-        if kind not in ("cdna", "flow") or kernels < 1:
+        if kind not in MOTIONS[1:] or kernels < 1:
             raise ValueError(f"PixelMotion(kind={kind!r}, kernels={kernels}): expected cdna or flow and kernels >= 1")
         self.kind, self.kernels, self.size, self.nc = kind, kernels, size, nc
         self.proj = nn.Linear(g_dim, kernels * size * size) if kind == "cdna" else None
@@ -127,8 +126,8 @@ class CVAE(nn.Module):
                  prior_rnn_layers=1, cond_conv="none", condconv_experts=4, latent_levels=1, z_spatial_dim=4,
                  motion="none", motion_kernels=4):
         super().__init__()
-        if motion not in PixelMotion.KINDS:
-            raise ValueError(f"motion={motion!r}: expected one of {PixelMotion.KINDS}")
+        if motion not in MOTIONS:
+            raise ValueError(f"motion={motion!r}: expected one of {MOTIONS}")
         if prior not in PRIORS:
             raise ValueError(f"prior={prior!r}: expected one of {PRIORS}")
         if cond_conv not in COND_CONVS:

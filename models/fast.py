@@ -27,7 +27,7 @@ layers run in their plain form (the upsampled input concatenated with the skip),
 Their BatchNorm still folds into the experts (inference_copy). FiLM follows the BatchNorm, so it changes
 none of the tricks. The spatial latent levels (latent_levels > 1) have no BatchNorm in their heads and
 enter through a convolution added to a block's first one, so decode computes them on its (B*T) rows with
-every trick kept. The pixel-motion output (motion_kernels > 0) follows the decoder: every rollout here
+every trick kept. The pixel-motion output (motion "cdna" or "flow") follows the decoder: every rollout here
 passes decode's output through model.compose with the step's input frame, as the plain form does.
 
     python -c "import models.fast as f; help(f.forward_batched)"

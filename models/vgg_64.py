@@ -13,8 +13,8 @@ parameter):
               Kautz 2020, Sec. 3; Castrejon et al. 2019): each level has a posterior head on the true
               frame's encoder features and the decoder's top-down features at that resolution, a prior
               (N(0, I), or a head on the top-down features alone) and enters the decoder there.
-  extra_out   extra output channels, returned as logits after the image's nc channels (the image alone
-              stays in [0, 1]): the masks of models/cvae.py's pixel-motion output.
+  extra_out   extra output channels, returned unsquashed after the image's nc channels (the image alone
+              stays in [0, 1]): the mask logits (and flow fields) of models/cvae.py's pixel-motion output.
 """
 import itertools
 
@@ -154,7 +154,7 @@ class vgg_decoder(nn.Module):
         self.upc2 = nn.Sequential(layer(16 * b, 8 * b), layer(8 * b, 8 * b), layer(8 * b, 4 * b))  # 8x8
         self.upc3 = nn.Sequential(layer(8 * b, 4 * b), layer(4 * b, 4 * b), layer(4 * b, 2 * b))  # 16x16
         self.upc4 = nn.Sequential(layer(4 * b, 2 * b), layer(2 * b, b))  # 32x32
-        # 64x64; with extra_out the sigmoid covers the image's channels only (the rest are mask logits)
+        # 64x64; with extra_out the sigmoid covers the image's channels only (masks and flows stay unsquashed)
         self.upc5 = nn.Sequential(layer(2 * b, b), nn.ConvTranspose2d(b, nc + extra_out, 3, 1, 1),
                                   SigmoidFirst(nc) if extra_out else nn.Sigmoid())
         # FiLM on the decoder only: the encoder also encodes the posterior's target frames, whose code must
@@ -208,7 +208,7 @@ class vgg_decoder(nn.Module):
         normal [(B, zs, r, r) per spatial level], coarsest first.
 
         Returns frames (B, C, 64, 64) in [0, 1] (with extra_out, (B, C + extra_out, 64, 64): the extra
-        channels are logits); with levels > 1 also a list of each spatial level's
+        channels unsquashed); with levels > 1 also a list of each spatial level's
         (mu_q, logvar_q, mu_p, logvar_p), each (B, zs, r, r) or None (see latent).
         """
         d = self.upc1(g[:, :, None, None])  # (B, 8b, 4, 4)
