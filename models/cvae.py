@@ -49,6 +49,22 @@ def init_weights(m):
         nn.init.zeros_(m.proj.bias)
 
 
+def check_track(model, track, frames):
+    """CVAE.predict's track argument: None, or (B, M, H, W) maps for a pixel-motion model."""
+    if track is None:
+        return
+    if model.motion is None:
+        raise ValueError("track: only a pixel-motion model (--motion cdna or flow) moves maps with its frames")
+    if track.dim() != 4 or track.shape[0] != frames.shape[0] or track.shape[-2:] != frames.shape[-2:]:
+        raise ValueError(f"track: expected (B, M, H, W) = ({frames.shape[0]}, M, {frames.shape[-2]}, "
+                         f"{frames.shape[-1]}), got {tuple(track.shape)}")
+
+
+def normalise_maps(maps):
+    """Maps (..., H, W) -> each divided by its sum (a map the decoder repainted entirely stays 0)."""
+    return maps / maps.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+
+
 class PixelMotion(nn.Module):
     """A pixel-motion output: the step's input frame is moved K ways, and per-pixel masks (a softmax over
     K + 1 channels the decoder outputs) mix those K frames and the decoder's own image (Finn et al. 2016,
@@ -86,27 +102,37 @@ class PixelMotion(nn.Module):
 
     def forward(self, out, prev, g):
         """out: the decoder's output (N, nc + extra_channels, H, W): the image in [0, 1], K + 1 mask logits,
-        then (flow) K flow fields (dx, dy) in pixels; prev: the step's input frame (N, nc, H, W) in [0, 1];
-        g: the step's code (N, g_dim). Returns the frame (N, nc, H, W) in [0, 1] (a convex mix)."""
+        then (flow) K flow fields (dx, dy) in pixels; prev: the step's input frame (N, nc, H, W) in [0, 1],
+        optionally followed by M maps to move with it (N, nc + M, H, W); g: the step's code (N, g_dim).
+        Returns the frame (N, nc, H, W) in [0, 1] (a convex mix), followed by the M maps moved and masked
+        as the frame is.
+
+        The maps are how a planner follows a designated pixel (Finn & Levine 2017; Ebert et al. 2017): a
+        probability map of where a point of the input frame is goes where the model's motion takes it. The
+        decoder's own image contributes nothing to a map (a painted pixel comes from no point of the input),
+        so a map loses the mass the decoder repaints; renormalise it to read it as a distribution."""
         K = self.kernels
         moved = self.cdna(prev, g) if self.kind == "cdna" else self.flow(prev, out[:, self.nc + K + 1:])
         masks = torch.softmax(out[:, self.nc: self.nc + K + 1], 1)  # (N, K + 1, H, W) (Finn et al., Eq. 3)
-        candidates = torch.cat([moved, out[:, None, : self.nc].to(moved.dtype)], 1)  # (N, K + 1, nc, H, W)
+        painted = out[:, None, : self.nc].to(moved.dtype)  # (N, 1, nc, H, W)
+        if prev.shape[1] > self.nc:  # zero for the maps moved along
+            painted = F.pad(painted, (0, 0, 0, 0, 0, prev.shape[1] - self.nc))
+        candidates = torch.cat([moved, painted], 1)  # (N, K + 1, nc [+ M], H, W)
         return (masks[:, :, None] * candidates).sum(1)
 
     def cdna(self, prev, g):
-        """prev (N, nc, H, W), g (N, g_dim) -> the K moved frames (N, K, nc, H, W)."""
-        N, _, H, W = prev.shape
+        """prev (N, C, H, W), g (N, g_dim) -> the K moved frames (N, K, C, H, W)."""
+        N, C, H, W = prev.shape
         K, k = self.kernels, self.size
         w = torch.softmax(self.proj(g).view(N, K, k * k), -1)  # (N, K, k*k), each kernel sums to 1 (Eq. 2)
         # Each sample's K kernels on each of its channels in one grouped convolution: the channels as the
         # batch, the samples as the groups. Replicated borders: what moves in from outside is the border.
-        x = F.pad(prev.transpose(0, 1), (k // 2,) * 4, mode="replicate")  # (nc, N, H + k - 1, W + k - 1)
-        y = F.conv2d(x, w.reshape(N * K, 1, k, k).to(x.dtype), groups=N)  # (nc, N * K, H, W)
-        return y.view(self.nc, N, K, H, W).permute(1, 2, 0, 3, 4)  # (N, K, nc, H, W)
+        x = F.pad(prev.transpose(0, 1), (k // 2,) * 4, mode="replicate")  # (C, N, H + k - 1, W + k - 1)
+        y = F.conv2d(x, w.reshape(N * K, 1, k, k).to(x.dtype), groups=N)  # (C, N * K, H, W)
+        return y.view(C, N, K, H, W).permute(1, 2, 0, 3, 4)  # (N, K, C, H, W)
 
     def flow(self, prev, flow):
-        """prev (N, nc, H, W), flow (N, 2K, H, W) in pixels (dx, dy per field) -> (N, K, nc, H, W)."""
+        """prev (N, C, H, W), flow (N, 2K, H, W) in pixels (dx, dy per field) -> (N, K, C, H, W)."""
         N, _, H, W = prev.shape
         K = self.kernels
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=prev.device),
@@ -115,7 +141,7 @@ class PixelMotion(nn.Module):
         scale = torch.tensor([2 / (W - 1), 2 / (H - 1)], device=prev.device)  # pixels -> grid units
         f = flow.float().view(N, K, 2, H, W).permute(0, 1, 3, 4, 2)  # (N, K, H, W, 2)
         grid = (base + f * scale).reshape(N * K, H, W, 2)
-        src = prev.float()[:, None].expand(N, K, -1, H, W).reshape(N * K, -1, H, W)  # (N * K, nc, H, W)
+        src = prev.float()[:, None].expand(N, K, -1, H, W).reshape(N * K, -1, H, W)  # (N * K, C, H, W)
         y = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
         return y.view(N, K, -1, H, W)
 
@@ -221,7 +247,7 @@ class CVAE(nn.Module):
         kl_spatial = [torch.stack(k, 1) for k in zip(*kls_spatial)]  # each level's (B, T-1)
         return self.losses(frames, torch.stack(preds, 1), torch.stack(kls, 1), kl_spatial)
 
-    def predict(self, frames, conds, n_past, n_future, noise=None, posterior=False):
+    def predict(self, frames, conds, n_past, n_future, noise=None, posterior=False, track=None):
         """Predict frames n_past..n_past+n_future-1 from the given frames 0..n_past-1 (no teacher forcing).
 
         frames: (B, >= n_past, C, H, W) in [0, 1]; all n_past + n_future frames with posterior=True.
@@ -232,16 +258,22 @@ class CVAE(nn.Module):
         posterior: take z_t from the posterior on the true frames at every step (a reconstruction that
             sees the future through z only); otherwise from the prior after the given frames.
 
+        track: (B, M, H, W) maps on the last given frame, each a probability map of where a point is (a
+            designated pixel, Finn & Levine 2017), moved with the predicted frames (pixel-motion models
+            only, see PixelMotion.forward).
+
         Through the given frames z comes from the posterior and the learned prior is stepped along
-        (SVG-LP's generation). Returns (B, n_future, C, H, W).
+        (SVG-LP's generation). Returns (B, n_future, C, H, W); with track, also the maps at each predicted
+        frame (B, n_future, M, H, W), each renormalised to sum 1.
         """
-        B, T = frames.shape[0], n_past + n_future
+        check_track(self, track, frames)
+        B, T, C = frames.shape[0], n_past + n_future, frames.shape[2]
         noise, spatial = self.draw_noise(noise, B, T, frames.device)
         c = self.embed_conditions(conds, B, T)
         h, skips = self.encoder(frames[:, 0])
         x_in = frames[:, 0]
         state_q = state_p = state_f = None
-        preds = []
+        preds, maps = [], []
         for t in range(1, T):
             mu_p, logvar_p, state_p = self.prior_step(h, state_p)
             if t < n_past or posterior:
@@ -255,12 +287,15 @@ class CVAE(nn.Module):
                 continue
             # the spatial levels' z from their posteriors with posterior=True, else from their priors
             targets = skips_t if posterior else None
+            if t == n_past and track is not None:
+                x_in = torch.cat([x_in, track.to(x_in)], 1)  # (B, C + M, H, W): the maps ride with the frame
             x_hat, _ = self.decode(g, skips, c[:, t - 1], targets, [n[:, t - 1] for n in spatial], x_in)
-            preds.append(x_hat)
-            (h, skips_in), x_in = self.encoder(x_hat), x_hat
+            preds.append(x_hat[:, :C])
+            maps.append(x_hat[:, C:])
+            (h, skips_in), x_in = self.encoder(x_hat[:, :C]), x_hat
             if self.last_frame_skip:
                 skips = skips_in
-        return torch.stack(preds, 1)
+        return torch.stack(preds, 1) if track is None else (torch.stack(preds, 1), normalise_maps(torch.stack(maps, 1)))
 
     def decode(self, g, skips, c, targets=None, noise=(), x_in=None):
         """The decoder of one step: frames (B, C, H, W) and the spatial levels' Gaussians (vgg_decoder.forward;

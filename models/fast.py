@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from .cvae import check_track, normalise_maps
 from .lstm import kl_divergence, reparameterize
 from .vgg_64 import CondConv2d, vgg_layer
 
@@ -119,17 +120,18 @@ def forward_fed_back(model, frames, conds, n_past, noise=None):
     return model.losses(frames, torch.stack(preds, 1), kl_divergence(mu_q, logvar_q, mu_p, logvar_p), kl_spatial)
 
 
-def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False):
+def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False, track=None):
     """CVAE.predict with the same arguments and result, faster: the given frames (all frames with
     posterior=True) are encoded in one call and the skip terms computed once per skip frame. Run it on
     inference_copy(model) under torch.no_grad() for the Winograd convolutions and folded BatchNorm."""
-    B, T = frames.shape[0], n_past + n_future
+    check_track(model, track, frames)
+    B, T, C = frames.shape[0], n_past + n_future, frames.shape[2]
     noise, spatial = model.draw_noise(noise, B, T, frames.device)
     h_gt, skips_gt = encode(model.encoder, frames[:, : T if posterior else n_past])  # (B, n, g)
     c = model.embed_conditions(conds, B, T)
     h, skip_frame, terms, x_in = h_gt[:, 0], [s[:, 0] for s in skips_gt], None, frames[:, 0]
     state_q = state_p = state_f = None
-    preds = []
+    preds, maps = [], []
     for t in range(1, T):
         mu_p, logvar_p, state_p = model.prior_step(h, state_p)
         if t < n_past or posterior:
@@ -145,12 +147,15 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False)
         targets = [s[:, t: t + 1] for s in skips_gt] if posterior else None  # the spatial levels' posterior or prior
         x_hat = decode(model.decoder, g[:, None], [s[:, None] for s in terms], c[:, t - 1: t], targets,
                        [n[:, t - 1: t] for n in spatial])[0][:, 0]
-        x_hat = model.compose(x_hat, x_in, g)  # (B, C, H, W)
-        preds.append(x_hat)
+        if t == n_past and track is not None:
+            x_in = torch.cat([x_in, track.to(x_in)], 1)  # (B, C + M, H, W): the maps ride with the frame
+        x_hat = model.compose(x_hat, x_in, g)  # (B, C [+ M], H, W)
+        preds.append(x_hat[:, :C])
+        maps.append(x_hat[:, C:])
         if t < T - 1:  # the last prediction is not fed back
-            h, skip_frame = encode(model.encoder, x_hat[:, None])
+            h, skip_frame = encode(model.encoder, x_hat[:, None, :C])
             h, skip_frame, x_in = h[:, 0], [s[:, 0] for s in skip_frame], x_hat
-    return torch.stack(preds, 1)
+    return torch.stack(preds, 1) if track is None else (torch.stack(preds, 1), normalise_maps(torch.stack(maps, 1)))
 
 
 def lstm_sequence(net, x, state=None):

@@ -151,16 +151,59 @@ def test_pixel_motion_moves_the_input_frame():
         cdna.proj.bias.copy_(bias.flatten())
     flow = torch.zeros(3, 4, 64, 64)
     flow[:, 3] = -1.0  # field 1: dy = -1, x'(p) = x(p - one row)
+    spot = torch.zeros(3, 2, 64, 64)  # two maps moved along with the frame (designated pixels)
+    spot[:, 0, 20, 30], spot[:, 1, 40:43, 10] = 1.0, 1 / 3
+    spot_down = torch.cat([spot[:, :, :1], spot[:, :, :-1]], 2)
     for pm, extra in ((cdna, []), (PixelMotion("flow", g_dim=6, kernels=2), [flow])):
         for k in range(3):
             masks = torch.full((3, 3, 64, 64), -1e4).index_fill(1, torch.tensor([k]), 0.0)  # mask k all 1
             y = pm(torch.cat([image, masks, *extra], 1), prev, g)
             torch.testing.assert_close(y, [prev, down, image][k], atol=2e-5, rtol=0)  # grid rounding (flow)
+            y = pm(torch.cat([image, masks, *extra], 1), torch.cat([prev, spot], 1), g)
+            torch.testing.assert_close(y[:, :3], [prev, down, image][k], atol=2e-5, rtol=0)
+            torch.testing.assert_close(y[:, 3:], [spot, spot_down, 0 * spot][k], atol=2e-5, rtol=0)  # painted: no mass
         masks = torch.cat([torch.zeros(3, 1, 64, 64), torch.full((3, 2, 64, 64), -1e4)], 1)
         masks[:, 2, :, 32:] = 0.0  # right half: the identity and the image (mask 2) mixed 50/50
         y = pm(torch.cat([image, masks, *extra], 1), prev, g)
         torch.testing.assert_close(y[..., :32], prev[..., :32], atol=2e-5, rtol=0)
         torch.testing.assert_close(y[..., 32:], 0.5 * (prev + image)[..., 32:], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["cdna", "flow"])
+def test_designated_pixels_follow_the_predicted_motion(kind):
+    """predict(track=...): a map on the last given frame is moved step by step as the frames are, the same in
+    the plain and the fast rollout. The decoder's last layer is set to a constant output: all weight on the
+    first motion, which shifts the frame one pixel left per step, so a point's map moves one pixel a step."""
+    m, x, c, noise = _model(motion=kind, motion_kernels=2)
+    last = m.decoder.upc5[1]  # the ConvTranspose2d giving image, mask logits (and flows)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[3] = 30.0  # mask logits: motion 0 takes all the weight
+        if kind == "flow":
+            last.bias[6] = 1.0  # field 0: dx = +1, x'(p) = x(p + 1): the frame moves one pixel left
+        else:  # kernel 0: all its weight on the tap right of the centre
+            m.motion.proj.weight.zero_()
+            bias = torch.full((2, 25), -1e4)
+            bias[:, 13] = 0.0
+            m.motion.proj.bias.copy_(bias.flatten())
+    track = torch.zeros(4, 1, 64, 64)
+    track[:, 0, 30, 40] = 1.0
+    with torch.no_grad():
+        pred, maps = m.predict(x, c, 3, 5, noise, track=track)
+        assert pred.shape == (4, 5, 3, 64, 64) and maps.shape == (4, 5, 1, 64, 64)
+        for k in range(5):
+            want = torch.zeros(4, 64, 64)
+            want[:, 30, 39 - k] = 1.0
+            torch.testing.assert_close(maps[:, k, 0], want, atol=1e-4, rtol=0)
+        left = torch.cat([x[:, 2, ..., 1:], x[:, 2, ..., 63:]], -1)  # the last given frame one pixel left
+        torch.testing.assert_close(pred[:, 0], left, atol=1e-4, rtol=0)
+        for model in (m, fast.inference_copy(m)):
+            fast_pred, fast_maps = fast.predict(model, x, c, 3, 5, noise, track=track)
+            torch.testing.assert_close(fast_pred, pred, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(fast_maps, maps, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="track"):
+        _model()[0].predict(x, c, 3, 5, noise, track=track)
 
 
 def test_kl_matches_torch_distributions():
