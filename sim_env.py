@@ -21,8 +21,9 @@ split code, index)}) rebuilds a data set sequence's scene (make_sim_dataset.SPLI
 Goal images: render_goal(ee=..., objects={i: (x, y)}) teleports the arm and/or objects in a saved
 copy of the physics state (pybullet saveState), renders, and restores the state exactly, so the
 episode goes on as if nothing happened; object_mask(i) gives the pixels object i covers, the same
-way. clone_state/restore_state/release_state and rollout_states let a planner use the simulator
-itself as its model (plan.py's oracle).
+way, and pixel_to_plane(z) where each pixel's line of sight meets the plane at height z.
+clone_state/restore_state/release_state and rollout_states let a planner use the simulator itself as
+its model (plan.py's oracle).
 
 Only one SimEnv per process: the scene lives in this process's pybullet clients (make_sim_dataset._sim).
 """
@@ -176,6 +177,20 @@ class SimEnv(gym.Env):
         with_it = self.render_goal(ee=ee, objects=objects).astype(np.int16)
         without = self.render_goal(ee=ee, objects={i: (OUT_OF_VIEW, OUT_OF_VIEW)}).astype(np.int16)
         return np.abs(with_it - without).max(-1) > 8  # of 255: only a clear difference counts
+
+    def pixel_to_plane(self, z):
+        """Where each pixel's line of sight meets the horizontal plane at height z: (64, 64, 2) xy in metres
+        (row 0 the top of the frame). A planner reads a map over pixels as a distribution over the table
+        (plan.track_cost); the camera is the one the frames are rendered with."""
+        n = self.scene.render_size
+        # pybullet's matrices are column-major 4x4 lists: clip = P V world; the inverse takes an NDC point back
+        inv = np.linalg.inv(np.reshape(self.scene.proj, (4, 4)).T @ np.reshape(self.scene.view, (4, 4)).T)
+        c = (np.arange(n) + 0.5) / n * 2 - 1  # pixel centres in NDC
+        x, y = np.meshgrid(c, -c)  # NDC y points up, rows go down
+        ends = [inv @ np.stack([x.ravel(), y.ravel(), np.full(n * n, d), np.ones(n * n)]) for d in (-1.0, 1.0)]
+        near, far = (e[:3] / e[3] for e in ends)  # (3, n * n) on the near and far clipping planes
+        s = (z - near[2]) / (far[2] - near[2])
+        return (near[:2] + s * (far[:2] - near[:2])).T.reshape(n, n, 2)
 
     def rollout_states(self, action_seqs):
         """Simulate each action sequence (N, K, 4) from the current state without rendering (the drawn

@@ -148,3 +148,16 @@ def test_reward_is_minus_the_distance_to_the_goal(env):
         assert env.step(np.zeros(4))[3] is True
     finally:
         env.max_steps = None
+
+
+def test_pixels_map_to_the_table_where_the_objects_stand(env):
+    _, info = env.reset(seed=5)
+    objects = info["objects"]
+    errors = []
+    for i in range(len(objects)):
+        plane = env.pixel_to_plane(objects[i, 2])  # (64, 64, 2)
+        errors.append(np.linalg.norm(plane[env.object_mask(i)].mean(0) - objects[i, :2]))
+    # a mask's mean is its visible surface's centre, so a little off where the object is partly hidden
+    assert np.median(errors) < 0.015 and max(errors) < 0.04, errors
+    corners = env.pixel_to_plane(objects[0, 2])[[0, -1]][:, [0, -1]]  # the view is wider at its far edge
+    assert np.linalg.norm(corners[0, 0] - corners[0, 1]) != pytest.approx(np.linalg.norm(corners[1, 0] - corners[1, 1]))
