@@ -17,6 +17,16 @@ Tasks, on scene seeds no data set sequence uses (SimEnv.reset(seed=k)):
          direction from the end effector to the object, turned by up to 30 degrees, so that the arm
          starts behind the object; the goal image shows the object at its target and the arm behind it.
 
+Costs (--cost) for the model: image, the blurred pixel L2 of the predicted frames to the goal image
+(push: the pushed object's pixels optionally weighed up, --object_weight); track (push with a
+pixel-motion model, --motion cdna/flow), the designated-pixel cost of Finn & Levine 2017 Sec. 3 and
+Ebert et al. 2017: a map over the pixels the pushed object covers in the last frame is moved along
+with the predicted frames by the model's own motion output (CVAE.predict(track=...)), read as a
+distribution over the table (SimEnv.pixel_to_plane at the object's height), and scored by its
+expected distance to the target, plus --arm_weight x the planned arm's distance to the goal image's.
+The designated pixels are re-found at each re-plan from the simulator's object mask: a perfect
+tracker, where a real robot would need one (Ebert et al. 2017 register the goal image instead).
+
 Methods, run on the same scenes: model (image CEM with the video model), oracle (the same CEM with the
 simulator itself as the model, scored by state, not images: exact, no rendering, so affordable),
 random (uniform random planar actions) and noop (no motion).
@@ -71,6 +81,12 @@ def get_args_parser():
                    help="push: extra cost weight of the pixels the pushed object covers now and in the goal "
                         "(blurred; the other pixels weigh 1); 0 = the plain image cost (30 measured no better, "
                         "docs/planning.md)")
+    p.add_argument("--cost", default="image", choices=["image", "track"],
+                   help="image: the blurred pixel L2 to the goal image; track (push, pixel-motion models only): the "
+                        "expected distance of the pushed object's designated pixels, moved by the model's predicted "
+                        "motion, to the target, plus --arm_weight x the planned arm's distance to the goal image's arm")
+    p.add_argument("--arm_weight", type=float, default=0.5,
+                   help="--cost track: weight of the arm term (the oracle's weight); 0 = the object alone")
     p.add_argument("--noise", default="zero", choices=["zero", "sample"],
                    help="model latents: zero (the prior's mode, a deterministic prediction) or one prior "
                         "sample shared by all samples of an iteration (common random numbers)")
@@ -116,13 +132,14 @@ def open_model(parser, args):
     return model, n_past, n_future, device
 
 
-def predict_frames(model, frames, conds, n_future, noise=None):
+def predict_frames(model, frames, conds, n_future, noise=None, track=None):
     """The model's prediction of n_future frames: frames (B, n_past, 3, 64, 64) in [0, 1], conds
     (B, n_past + n_future, 7), noise (B, n_past + n_future - 1, z_dim), or a list with the spatial latent levels'
-    noise too (CVAE.noise_shapes), or None -> (B, n_future, 3, 64, 64).
+    noise too (CVAE.noise_shapes), or None -> (B, n_future, 3, 64, 64); with track (B, M, 64, 64), designated
+    pixel maps on the last given frame (pixel-motion models), also the maps moved (B, n_future, M, 64, 64).
     The one place that calls the model (models.fast.predict: CVAE.predict, faster)."""
     with torch.no_grad():
-        return fast.predict(model, frames, conds, frames.shape[1], n_future, noise=noise)
+        return fast.predict(model, frames, conds, frames.shape[1], n_future, noise=noise, track=track)
 
 
 def gaussian_blur(x, sigma):
@@ -175,6 +192,27 @@ def object_pixel_weights(masks, sigma, object_weight):
     m = torch.from_numpy(np.any(np.stack(masks), 0).astype(np.float32))[None, None]  # (1, 1, H, W)
     m = gaussian_blur(m, sigma)[0, 0]
     return 1.0 + object_weight * m / m.max().clamp_min(1e-8)
+
+
+def track_cost(maps, plane_xy, target, weights):
+    """The designated-pixel cost (Finn & Levine 2017; Ebert et al. 2017), in metres on the table: the
+    expected distance to the target of a point whose position is a distribution over pixels, weighted
+    over frames. maps (B, T, H, W), each summing to 1 (predict's track); plane_xy (H, W, 2), each pixel's
+    point on the object's horizontal plane (SimEnv.pixel_to_plane); target (2,) -> (B,).
+
+    Unlike a pixel distance to a goal image it keeps falling as the object comes closer, whatever
+    the object looks like and however much it overlaps its goal pixels, and it ignores the arm."""
+    d = (plane_xy - torch.as_tensor(target, dtype=plane_xy.dtype, device=plane_xy.device)).norm(dim=-1)  # (H, W)
+    per_frame = (maps * d.to(maps)).sum((-2, -1))  # (B, T)
+    return (per_frame * torch.as_tensor(weights, dtype=per_frame.dtype, device=per_frame.device)).sum(1)
+
+
+def arm_cost(pos, goal_ee, weights):
+    """Weighted distance (m) of the planned end effector to where the goal image shows it, over the predicted
+    frames: pos (N, >= T + 1, 2) from to_actions (frame 0 is now), weights (T,) -> (N,). No model needed:
+    the plan says where the arm goes (it follows to ~0.3 mm)."""
+    T = len(weights)
+    return (np.linalg.norm(pos[:, 1: T + 1] - np.asarray(goal_ee), axis=-1) * weights).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +366,10 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
         i = task["object"]
         masks = [env.object_mask(i), env.object_mask(i, ee=task["goal_ee"], xy=target)]  # now, in the goal
         pixel_weights = object_pixel_weights(masks, args.blur_sigma, args.object_weight).to(device)
+    plane_xy = None
+    if method == "model" and args.cost == "track":  # each pixel's point on the pushed object's plane
+        z = env.scene.object_positions()[task["object"], 2]
+        plane_xy = torch.from_numpy(env.pixel_to_plane(z)).float().to(device)
     warm = np.zeros(horizon * 2)
     lo, hi = -sim.MAX_STEP, sim.MAX_STEP
     gif, plan_pred = [], None
@@ -355,6 +397,10 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             past = torch.from_numpy(np.stack(frames[-n_past:])).permute(0, 3, 1, 2).float().div(255).to(device)
             past_actions = np.stack(acts_hist[-(n_past - 1):]) if n_past > 1 else np.zeros((0, 4))
             past_ee = np.stack(ees[-n_past:])
+            track = None
+            if plane_xy is not None:  # the designated pixels: where the object is in the last frame, uniform
+                m = torch.from_numpy(env.object_mask(task["object"])).float()
+                track = (m / m.sum().clamp_min(1.0))[None, None].to(device)  # (1, 1, H, W)
 
             def cost(x, keep=None):
                 a, pos = to_actions(x, ee_xy, gripper, horizon)
@@ -367,10 +413,17 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
                     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
                     noise = [torch.randn(1, steps, *shape, generator=gen).expand(N, *[-1] * (1 + len(shape))).to(device)
                              for shape in model.noise_shapes()]
-                pred = predict_frames(model, past.expand(N, -1, -1, -1, -1), c, n_future, noise)
+                if track is None:
+                    pred = predict_frames(model, past.expand(N, -1, -1, -1, -1), c, n_future, noise)
+                    total = image_cost(pred, goal_t, weights, args.blur_sigma, pixel_weights).cpu().numpy()
+                else:
+                    pred, maps = predict_frames(model, past.expand(N, -1, -1, -1, -1), c, n_future, noise,
+                                                track.expand(N, -1, -1, -1))
+                    total = track_cost(maps[:, :, 0], plane_xy, target, weights).cpu().numpy()
+                    total = total + args.arm_weight * arm_cost(pos, task["goal_ee"], weights)
                 if keep is not None:
                     keep.append(pred)
-                return image_cost(pred, goal_t, weights, args.blur_sigma, pixel_weights).cpu().numpy()
+                return total
             x, c, _, _, hist = cem(cost, warm, np.full(horizon * 2, args.init_std), args.samples, args.iters,
                                    args.elite_frac, lo, hi, rng, candidates=[warm, 0 * warm])
             keep = []
@@ -446,11 +499,16 @@ def main(argv=None):
             parser.error(f"--{name} must be >= {lo}, got {getattr(args, name)}")
     if not 0 < args.elite_frac <= 1:
         parser.error(f"--elite_frac must be in (0, 1], got {args.elite_frac}")
-    if args.init_std <= 0 or args.last_weight <= 0 or args.blur_sigma < 0 or args.object_weight < 0:
-        parser.error("--init_std and --last_weight must be > 0, --blur_sigma and --object_weight >= 0")
+    if args.init_std <= 0 or args.last_weight <= 0 or args.blur_sigma < 0 or args.object_weight < 0 or args.arm_weight < 0:
+        parser.error("--init_std and --last_weight must be > 0, --blur_sigma, --object_weight and --arm_weight >= 0")
+    if args.cost == "track" and args.task != "push":
+        parser.error(f"--cost track follows the pushed object's pixels: it needs --task push, not {args.task}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     model, n_past, n_future, device = open_model(parser, args)
+    if args.cost == "track" and "model" in methods and model.motion is None:
+        parser.error(f"--cost track: the model in {args.model_dir} has no pixel-motion output to move the designated "
+                     f"pixels with (train it with --motion cdna or --motion flow)")
     if args.replan_every > n_future // FRAMES_PER_ACTION:
         parser.error(f"--replan_every {args.replan_every}: the horizon has only {n_future // FRAMES_PER_ACTION} actions")
     out = os.path.join(args.out or args.model_dir, "plan")

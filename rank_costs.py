@@ -16,8 +16,12 @@ true to model frames is the model's.
 Costs: plan.image_cost (blurred pixel L2 to the goal image), with the pushed object's pixels weighed
 by each of --object_weights (plan.object_pixel_weights), and `centroid`: the distance from the goal
 position of the centroid of the pixels coloured like the pushed object (its designated pixels in the
-current frame give the colour; Ebert et al. 2017 track designated pixels with a pixel-motion model,
-which a frame model lacks, so a colour match stands in for the tracker).
+current frame give the colour, a stand-in for a tracker that works with any model). Costs that read
+no frames: `arm`, the distance of the planned end effector to the goal image's (the plan alone says
+where the arm goes), and for a pixel-motion model (--motion cdna/flow) `track`, the pushed object's
+designated pixels moved by the model's predicted motion (Finn & Levine 2017; Ebert et al. 2017;
+plan.track_cost), alone and plus --arm_weight x `arm`. They have no true-frame column ("-"): on true
+frames the object's position is the answer itself.
 """
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
@@ -50,6 +54,7 @@ def get_args_parser():
                    help="centroid cost: colour distance (RGB in [0, 1]) at which a pixel's match falls to exp(-1/2)")
     p.add_argument("--window", type=float, default=12,
                    help="centroid cost: count only pixels within this many pixels of the object's or its goal's centre (0 = all)")
+    p.add_argument("--arm_weight", type=float, default=0.5, help="weight of the arm term in `track + arm`, as plan.py")
     p.add_argument("--out", default="", help="output directory (default: --model_dir); results go to <out>/plan")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     return p
@@ -82,6 +87,14 @@ def centroid_cost(frames, colour, goal_yx, weights, tau, region=None):
     cy, cx = (m * yy).sum((-1, -2)) / mass, (m * xx).sum((-1, -2)) / mass  # (B, T)
     d = ((cy - goal_yx[0]) ** 2 + (cx - goal_yx[1]) ** 2).sqrt()
     return (d * torch.as_tensor(weights, dtype=d.dtype)).sum(1)
+
+
+def fmt(values, key, spec):
+    """values[key] formatted by spec, or "-" (right-aligned to spec's width) where values or it is None
+    (a cost with no true-frames form)."""
+    v = None if values is None else values[key]
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def candidates(rng, n, horizon, init_std, direction):
@@ -119,11 +132,17 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
                          np.stack(ees[-n_past:]), acts, pos, n_past, n_future)
     N = len(x)
     noise = [torch.zeros(N, n_past + n_future - 1, *s, device=device) for s in model.noise_shapes()]
+    masks = [env.object_mask(i), env.object_mask(i, ee=task["goal_ee"], xy=target)]  # now, in the goal
+    track = None
+    if model.motion is not None:  # the designated pixels, moved by the model's motion (plan.py --cost track)
+        m = torch.from_numpy(masks[0]).float()
+        track = (m / m.sum().clamp_min(1.0))[None, None].expand(N, -1, -1, -1).to(device)
     pred = plan.predict_frames(model, past.expand(N, -1, -1, -1, -1), torch.from_numpy(c).float().to(device),
-                               n_future, noise).clamp(0, 1).cpu()
+                               n_future, noise, track)
+    pred, maps = pred if track is not None else (pred, None)
+    pred = pred.clamp(0, 1).cpu()
     goal = to_float(task["goal"]).permute(2, 0, 1)
     weights = plan.frame_weights(n_future, args.last_weight)
-    masks = [env.object_mask(i), env.object_mask(i, ee=task["goal_ee"], xy=target)]  # now, in the goal
     colour = to_float(frames[-1])[torch.from_numpy(masks[0])].mean(0)  # the designated pixels' mean colour
     now_yx, goal_yx = (np.argwhere(m).mean(0) for m in masks)  # the object's centre now and in the goal (pixels)
     yy, xx = np.mgrid[:sim.IMAGE_SIZE, :sim.IMAGE_SIZE]
@@ -135,12 +154,23 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
         pw = plan.object_pixel_weights(masks, args.blur_sigma, w)
         costs[f"image, object weight {w:g}"] = lambda f, pw=pw: plan.image_cost(f, goal, weights, args.blur_sigma, pw)
     costs["centroid"] = lambda f: centroid_cost(f, colour, goal_yx, weights, args.colour_tau, region)
+    # Costs that read no frames: the arm alone (where the plan puts it), and the tracked designated pixels
+    # with and without it (model only; on true frames the object's position is the answer itself).
+    arm = plan.arm_cost(pos, task["goal_ee"], weights)
+    direct = {"arm": arm}
+    if maps is not None:
+        plane_xy = torch.from_numpy(env.pixel_to_plane(env.scene.object_positions()[i, 2])).float()
+        tracked = plan.track_cost(maps[:, :, 0].cpu(), plane_xy, target, weights).numpy()
+        direct.update({"track": tracked, f"track + {args.arm_weight:g} arm": tracked + args.arm_weight * arm})
     out = {}
     for name, fn in costs.items():
         out[name] = {}
         for which, f in (("model", pred), ("true", real)):
             c = fn(f).numpy()
             out[name][which] = (spearman(c, true_dist), float(true_dist[np.argsort(c)[:10]].mean()))
+    for name, c in direct.items():
+        ranked = (spearman(c, true_dist), float(true_dist[np.argsort(c)[:10]].mean()))
+        out[name] = {"model": ranked, "true": ranked if name == "arm" else None}
     info = {"seed": seed, "true_distance_min": float(true_dist.min()), "true_distance_median": float(np.median(true_dist))}
     return out, info
 
@@ -168,17 +198,18 @@ def main(argv=None):
             per_cost.setdefault(name, []).append(r)
         print(f"scene {args.seed + k}: true distance min {100 * info['true_distance_min']:.1f} cm, median "
               f"{100 * info['true_distance_median']:.1f}; rank correlation model/true "
-              + ", ".join(f"{n} {r['model'][0]:+.2f}/{r['true'][0]:+.2f}" for n, r in res.items()), flush=True)
+              + ", ".join(f"{n} {r['model'][0]:+.2f}/{fmt(r['true'], 0, '+.2f')}" for n, r in res.items()), flush=True)
     summary = {}
     print(f"\nover {args.scenes} scenes x {args.candidates} candidates: rank correlation of cost and true "
           "object distance; true distance (cm) of the 10 cheapest")
     print(f"  {'cost':<26} {'model':>7} {'true':>7} {'model cm':>9} {'true cm':>8}")
     for name, rs in per_cost.items():
-        s = {f"{which}_{k}": float(np.mean([r[which][j] for r in rs])) for which in ("model", "true")
-             for j, k in enumerate(("spearman", "top10_distance"))}
+        s = {f"{which}_{k}": None if rs[0][which] is None else float(np.mean([r[which][j] for r in rs]))
+             for which in ("model", "true") for j, k in enumerate(("spearman", "top10_distance"))}
         summary[name] = s
-        print(f"  {name:<26} {s['model_spearman']:+7.2f} {s['true_spearman']:+7.2f} "
-              f"{100 * s['model_top10_distance']:9.1f} {100 * s['true_top10_distance']:8.1f}")
+        cm = {k: None if v is None else 100 * v for k, v in s.items()}
+        print(f"  {name:<26} {s['model_spearman']:+7.2f} {fmt(s, 'true_spearman', '+7.2f')} "
+              f"{cm['model_top10_distance']:9.1f} {fmt(cm, 'true_top10_distance', '8.1f')}")
     out = os.path.join(args.out or args.model_dir, "plan")
     os.makedirs(out, exist_ok=True)
     result = {"summary": summary, "scenes": scenes, "args": {k: v for k, v in vars(args).items() if k != "weights"}}

@@ -21,19 +21,27 @@ from sim_env import SimEnv  # noqa: E402
 TINY_ARCH = dict(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def save_tiny_run(d, motion="none"):
     """A run directory holding a randomly initialised tiny model, saved as train_fixed_prior.py does."""
     torch.manual_seed(0)
-    model = CVAE(**TINY_ARCH)
-    d = tmp_path_factory.mktemp("run")
+    model = CVAE(**TINY_ARCH, motion=motion, motion_kernels=2)
     arch = dict(TINY_ARCH, predictor_rnn_layers=2, posterior_rnn_layers=1, cond_dim=7, last_frame_skip=False,
                 prior="fixed", prior_rnn_layers=1, cond_conv="none", condconv_experts=4,
-                latent_levels=1, z_spatial_dim=4, motion="none", motion_kernels=4)
+                latent_levels=1, z_spatial_dim=4, motion=motion, motion_kernels=2)
     assert set(arch) == set(ARCH_KEYS)
     checkpoints.save_checkpoint(str(d / "model.pth"), {"model": model.state_dict(), "arch": arch,
                                                  "args": {**arch, "n_past": 2, "n_future": 10}, "epoch": 0, "step": 0})
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return save_tiny_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_run(tmp_path_factory):
+    return save_tiny_run(tmp_path_factory.mktemp("flow_run"), motion="flow")
 
 
 def test_cem_finds_the_optimum_of_a_quadratic():
@@ -129,13 +137,17 @@ def test_centroid_cost_follows_the_coloured_object_and_ignores_the_rest():
     assert rank_costs.spearman(np.array([1.0, 2, 3]), np.array([10.0, 30, 20])) == pytest.approx(0.5)
 
 
-def test_rank_costs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, capsys):
+def test_rank_costs_end_to_end_on_a_tiny_model(tiny_run, tiny_flow_run, tmp_path, capsys):
     res = rank_costs.main(["--model_dir", tiny_run, "--scenes", "1", "--candidates", "20", "--object_weights", "30",
                            "--out", str(tmp_path)])
     s = json.loads((tmp_path / "plan" / "rank_costs.json").read_text())
-    assert set(s["summary"]) == {"image", "image, object weight 30", "centroid"} == set(res["summary"])
+    assert set(s["summary"]) == {"image", "image, object weight 30", "centroid", "arm"} == set(res["summary"])
     for v in s["summary"].values():
         assert -1 <= v["model_spearman"] <= 1 and -1 <= v["true_spearman"] <= 1 and v["true_top10_distance"] > 0
+    flow = rank_costs.main(["--model_dir", tiny_flow_run, "--scenes", "1", "--candidates", "20",
+                            "--out", str(tmp_path / "flow")])["summary"]
+    assert {"track", "track + 0.5 arm"} <= set(flow) and flow["track"]["true_spearman"] is None
+    assert -1 <= flow["track"]["model_spearman"] <= 1 and flow["arm"] == s["summary"]["arm"]  # arm: no model
     for flags, name in ((["--object_weights", "3,x"], "--object_weights"), (["--scenes", "0"], "--scenes")):
         with pytest.raises(SystemExit):
             rank_costs.main(["--model_dir", tiny_run] + flags)
@@ -165,9 +177,30 @@ def test_plan_end_to_end_on_a_tiny_model(tiny_run, tmp_path, task, flags):
     assert res["summary"]["model"]["episodes"] == 1
 
 
+def test_track_cost_is_the_expected_distance_on_the_table():
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    plane_xy = torch.stack([xx, yy], -1) / 100  # 1 cm per pixel
+    maps = torch.zeros(2, 2, 8, 8)
+    maps[0, :, 0, 1] = 1  # a point 5 cm from the target
+    maps[1, 0, 4, 1], maps[1, 0, 4, 7], maps[1, 1, 4, 4] = 0.5, 0.5, 1  # spread, then on the target
+    cost = plan.track_cost(maps, plane_xy, (0.04, 0.04), np.array([1.0, 2.0]))
+    assert cost.tolist() == pytest.approx([0.15, 0.03])
+    pos = np.array([[[0.0, 0.0], [0.03, 0.04], [0.0, 0.0]]])
+    assert plan.arm_cost(pos, (0.0, 0.0), np.array([1.0, 2.0])).tolist() == pytest.approx([0.05])
+
+
+def test_plan_with_the_tracked_object_pixels(tiny_flow_run, tmp_path):
+    out = tmp_path / "out"
+    res = plan.main(["--model_dir", tiny_flow_run, "--task", "push", "--cost", "track", "--episodes", "1",
+                     "--steps", "1", "--samples", "4", "--iters", "1", "--methods", "model", "--out", str(out)])
+    assert res["summary"]["model"]["episodes"] == 1 and res["args"]["cost"] == "track"
+    assert os.path.getsize(out / "plan" / "push_ep0.gif") > 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "model,magic"], "--methods"), (["--episodes", "0"], "--episodes"),
-    (["--elite_frac", "0"], "--elite_frac")])
+    (["--elite_frac", "0"], "--elite_frac"), (["--cost", "track", "--task", "reach"], "--task push"),
+    (["--cost", "track", "--task", "push"], "--motion"), (["--arm_weight", "-1"], "--arm_weight")])
 def test_bad_flags_are_named(tiny_run, flags, message, capsys):
     with pytest.raises(SystemExit):
         plan.main(["--model_dir", tiny_run] + flags)
