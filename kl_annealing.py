@@ -51,6 +51,13 @@ def learning_rate(step, total, lr, schedule="constant", warmup=0, min_ratio=0.0)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def ema_decay(step, decay):
+    """Decay of the weights' moving average after update `step` (0-based): at most `decay`, lower early on,
+    (1 + step) / (10 + step), so that the random initialisation is forgotten quickly (the warm-up of
+    TensorFlow's ExponentialMovingAverage with num_updates). 0 = no average."""
+    return min(float(decay), (1 + step) / (10 + step)) if decay else 0.0
+
+
 def learning_rate_from_args(step, args):
     return learning_rate(step, args.niter * args.epoch_size, args.lr, args.lr_schedule, args.warmup, args.min_lr_ratio)
 

@@ -10,7 +10,8 @@ import os
 import plots
 
 METRIC_FIELDS = ["epoch", "step", "loss", "mse", "kld", "beta", "tfr", "lr", "val_psnr", "seconds",
-                 "val_kld", "active_dims", "val_kld_per_step", "kld_levels", "val_kld_levels", "val_kld_per_dim"]
+                 "val_kld", "active_dims", "val_kld_per_step", "kld_levels", "val_kld_levels", "val_kld_per_dim",
+                 "val_psnr_trained"]
 
 
 def run_name(args):
@@ -54,7 +55,9 @@ def _parse(v):
 def _fmt(v):
     if isinstance(v, (list, tuple)):
         return ";".join(f"{x:.6g}" for x in v)
-    return "" if isinstance(v, float) and math.isnan(v) else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    if v is None or isinstance(v, float) and math.isnan(v):
+        return ""
+    return (f"{v:.6g}" if isinstance(v, float) else str(v))
 
 
 class RunLog:
@@ -98,6 +101,8 @@ class RunLog:
         line = "[epoch: %02d] loss: %.5f | mse loss: %.5f | kld loss: %.5f" % (row["epoch"], row["loss"], row["mse"], row["kld"])
         if val is not None:
             line += "\n" + "=" * 22 + " validate psnr = %.5f " % val["psnr"] + "=" * 24
+            if val.get("psnr_trained") is not None:  # --ema: the line above is the average's
+                line += "\n(the trained weights, without the average: %.5f)" % val["psnr_trained"]
             self.scalars(row["step"], "val", {k: val[k] for k in ("psnr", "ssim", "kld", "active_dims")})
             for t, v in enumerate(val["kld_per_step"], 1):
                 self.writer.add_scalar(f"val_kld_per_step/t{t:02d}", v, row["step"])

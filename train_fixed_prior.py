@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 import checkpoints
 import evaluation
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
-from kl_annealing import kl_weight_from_args, learning_rate_from_args, teacher_forcing_ratio_from_args
+from kl_annealing import ema_decay, kl_weight_from_args, learning_rate_from_args, teacher_forcing_ratio_from_args
 from models import ARCH_KEYS, COND_CONVS, CVAE, MOTIONS, PRIORS, fast
 from run_log import RunLog, run_name
 
@@ -47,6 +47,9 @@ def get_args_parser():
     g("--epoch_size", type=int, default=600, help="iterations per epoch")
     g("--seed", type=int, default=1, help="random seed")
     g("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off, as the sample)")
+    g("--ema", type=float, default=0.0,
+      help="decay of an exponential moving average of the weights (Polyak & Juditsky 1992), e.g. 0.995: validation, "
+           "model.pth and everything that loads it (test.py, plan.py) use the average; 0: off, as the sample")
     g = p.add_argument_group("schedules: learning rate, teacher forcing and KL annealing (kl_annealing.py)").add_argument
     g("--lr_schedule", default="constant", choices=["constant", "cosine"],
       help="constant --lr (the sample's), or a linear warm-up then a cosine decay over the run's niter * epoch_size "
@@ -142,6 +145,8 @@ def check_args(args, parser):
         e(f"--batch_size {args.batch_size}: BatchNorm needs at least 2 sequences per batch in training")
     if not args.lr > 0 or not math.isfinite(args.lr):
         e(f"--lr {args.lr}: must be a positive number")
+    if not 0 <= args.ema < 1:
+        e(f"--ema {args.ema}: must be in [0, 1) (0: no moving average)")
     if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
         e(f"--warmup {args.warmup} must be >= 0 and --min_lr_ratio {args.min_lr_ratio} in [0, 1]")
     if args.beta < 0 or args.free_bits < 0 or args.grad_clip < 0 or args.save_every < 0 or args.num_workers < 0 or args.tfr_start_decay_epoch < 0:
@@ -273,14 +278,28 @@ def load_data(args, world, main_proc):
     return train_ds, val_ds
 
 
-def restore(resume, model, optimizer, scaler, args):
-    """The run's counters: fresh, or from the checkpoint along with the weights, optimizer and scaler."""
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers (BatchNorm's running
+    statistics) alike; integer buffers (batches seen) are copied."""
+    with torch.no_grad():
+        for a, b in zip(ema.state_dict().values(), model.state_dict().values()):
+            if a.is_floating_point():
+                a.lerp_(b, 1 - decay)
+            else:
+                a.copy_(b)
+
+
+def restore(resume, model, optimizer, scaler, args, ema=None):
+    """The run's counters: fresh, or from the checkpoint along with the weights (and their average),
+    optimizer and scaler."""
     run = argparse.Namespace(step=0, epoch=0, epoch_it=0, best_psnr=-math.inf, epoch_sums=None, skipped=0, bad_run=0,
                              tfr=args.tfr)
     if resume is None:
         return run
     path, ckpt = resume
-    checkpoints.load_model_state(model, ckpt, path)
+    checkpoints.load_model_state(model, {"model": ckpt.get("train_model") or ckpt["model"]}, path)
+    if ema is not None:  # a run that had no average starts one from its weights
+        ema.load_state_dict(ckpt["model"] if ckpt.get("train_model") else model.state_dict())
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -289,9 +308,10 @@ def restore(resume, model, optimizer, scaler, args):
     return run
 
 
-def save_checkpoint(path, model, optimizer, scaler, args, run, world, collective=True):
+def save_checkpoint(path, model, optimizer, scaler, args, run, world, collective=True, ema=None):
     """Save on rank 0: state dicts, args, counters and RNG states. Collective calls gather every rank's RNG
-    state (and a parameter checksum) for an exact resume; all ranks must make them."""
+    state (and a parameter checksum) for an exact resume; all ranks must make them. With --ema, "model" holds
+    the average (what test.py and plan.py load) and "train_model" the trained weights."""
     rngs = [checkpoints.rng_state()]
     checksums = [sum(p.double().sum().item() for p in model.parameters())]
     if world > 1 and collective:
@@ -301,7 +321,8 @@ def save_checkpoint(path, model, optimizer, scaler, args, run, world, collective
     if world > 1 and dist.get_rank() != 0:
         return
     checkpoints.save_checkpoint(path, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "model": (ema or model).state_dict(), "train_model": model.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "args": vars(args), "arch": {k: getattr(args, k) for k in ARCH_KEYS},
         "epoch": run.epoch, "epoch_it": run.epoch_it, "step": run.step, "tfr": run.tfr, "best_psnr": run.best_psnr,
@@ -351,15 +372,19 @@ def accumulate(sums, loss, out, kl_levels, T):
     sums["n"] += 1
 
 
-def validate(model, val_ds, args, device, epoch):
+def validate(model, val_ds, args, device, epoch, trained=None):
     """Every --eval_every epochs: the graded protocol on the whole validation split and the latent's KL
-    statistics; every --plot_every epochs, the first validation sequence's prediction. (None, None) otherwise."""
+    statistics; every --plot_every epochs, the first validation sequence's prediction. (None, None) otherwise.
+    With --ema, model is the average and `trained` the trained weights, whose PSNR is logged beside it."""
     last = epoch + 1 == args.niter
     val = clip = None
     if (epoch + 1) % args.eval_every == 0 or last:
         val = evaluation.evaluate(model, val_ds, args.n_past, args.n_future, device, args.eval_batch_size, 0,
                                   args.seed, args.amp, compile_metrics=args.compile)
         val.update(evaluation.latent_stats(model, val_ds, args.n_past, args.n_future, device, args.eval_batch_size))
+        if trained is not None:
+            val["psnr_trained"] = evaluation.evaluate(trained, val_ds, args.n_past, args.n_future, device,
+                                                      args.eval_batch_size, 0, args.seed, args.amp)["psnr"]
     if (epoch + 1) % args.plot_every == 0 or last:
         clip = evaluation.evaluate(model, Subset(val_ds, [0]), args.n_past, args.n_future, device, 1, 0,
                                    args.seed, args.amp, keep=(0,))["clips"][0]
@@ -374,7 +399,7 @@ def epoch_row(run, args, optimizer, val):
            "lr": optimizer.param_groups[0]["lr"], "seconds": sums["seconds"],
            "kld_levels": [v / n for v in sums.get("kld_levels", [])]}
     if val is not None:
-        row.update(val_psnr=val["psnr"], val_kld=val["kld"], active_dims=val["active_dims"],
+        row.update(val_psnr=val["psnr"], val_psnr_trained=val.get("psnr_trained"), val_kld=val["kld"], active_dims=val["active_dims"],
                    val_kld_per_step=val["kld_per_step"], val_kld_levels=val["kld_levels"],
                    val_kld_per_dim=val["kld_per_dim"])
     return row
@@ -405,7 +430,9 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, model.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = restore(resume, model, optimizer, scaler, args)
+    # Polyak averaging: a copy of the model whose weights trail the trained ones (update_ema after each step)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    run = restore(resume, model, optimizer, scaler, args, ema)
     if args.compile:
         fast.compile_rollout()
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
@@ -417,7 +444,7 @@ def main(argv=None):
     batches = iter(train_loader(train_ds, args, run.step, world, rank, device))
     if resume is not None:
         checkpoints.set_rng_state(resume[1]["rng"][rank] if rank < len(resume[1]["rng"]) else resume[1]["rng"][0])
-    save = lambda path, collective=True: save_checkpoint(path, model, optimizer, scaler, args, run, world, collective)
+    save = lambda path, collective=True: save_checkpoint(path, model, optimizer, scaler, args, run, world, collective, ema)
     last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "model.pth")
     T, stop, active_dims = args.n_past + args.n_future, StopRequest(), "-"
     try:
@@ -453,6 +480,8 @@ def main(argv=None):
                 else:
                     scaler.step(optimizer)
                     run.bad_run = 0
+                    if ema is not None:
+                        update_ema(ema, model, ema_decay(run.step, args.ema))
                 scaler.update()
                 run.step, run.epoch_it = run.step + 1, it + 1
                 if run.bad_run >= args.max_bad_steps:
@@ -482,7 +511,7 @@ def main(argv=None):
 
             # validate -> checkpoint
             if main_proc:
-                val, clip = validate(model, val_ds, args, device, run.epoch)
+                val, clip = validate(ema or model, val_ds, args, device, run.epoch, model if ema is not None else None)
                 if val is not None:
                     active_dims = val["active_dims"]
                     if val["psnr"] > run.best_psnr:

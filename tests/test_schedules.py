@@ -73,3 +73,18 @@ def test_recipes_are_valid_flag_sets(sim_root):
         args, _, _ = train.resolve_args(parser, flags + ["--data_root", sim_root])
         train.check_args(args, parser)  # parser.error would exit
     assert demo.RECIPES["demo"] != demo.RECIPES["long"]
+
+
+def test_weight_average_forgets_the_initialisation_and_trails_the_weights():
+    import torch
+    from kl_annealing import ema_decay
+    from train_fixed_prior import update_ema
+    assert ema_decay(0, 0.999) == pytest.approx(0.1) and ema_decay(10 ** 6, 0.999) == 0.999 and ema_decay(5, 0) == 0
+    assert ema_decay(90, 0.9) == 0.9 and ema_decay(9, 0.9) == pytest.approx(10 / 19)
+    avg, live = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    live.train()(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))  # moves its running statistics, counts one batch
+    with torch.no_grad():
+        live.weight.fill_(3.0)
+    update_ema(avg, live, 0.75)
+    assert torch.allclose(avg.weight, torch.full((2,), 1.5)) and torch.allclose(avg.bias, torch.zeros(2))
+    assert torch.allclose(avg.running_mean, 0.25 * live.running_mean) and avg.num_batches_tracked.item() == 1

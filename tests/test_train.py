@@ -86,7 +86,8 @@ def _params(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_flags", [[], ["--prior", "learned", "--beta", "1e-3", "--free_bits", "0.05"],
-                                         ["--cond_conv", "condconv", "--latent_levels", "2", "--beta", "1e-3"]])
+                                         ["--cond_conv", "condconv", "--latent_levels", "2", "--beta", "1e-3"],
+                                         ["--ema", "0.9"]])
 def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
              "--tfr", "0.5", "--kl_anneal_cyclical", "--lr_schedule", "cosine", "--warmup", "2", *model_flags]
@@ -105,11 +106,24 @@ def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     resumed = train.main(["--model_dir", str(tmp_path / "b" / os.path.basename(full))])
     a, b = _params(os.path.join(full, "last.pth")), _params(os.path.join(resumed, "last.pth"))
     assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for key in ("model", "train_model") if a["train_model"] is not None else ("model",):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["best_psnr"] == b["best_psnr"]
+
+
+def test_weight_average_is_what_validation_and_test_use(sim_root, tmp_path, capsys):
+    run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9",
+                 "--ema", "0.5")
+    ckpt = _params(os.path.join(run, "model.pth"))
+    assert any(not torch.equal(ckpt["model"][k], ckpt["train_model"][k]) for k in ckpt["model"])
+    row = run_log.read_metrics(os.path.join(run, "metrics.csv"))[-1]
+    assert row["val_psnr"] > 0 and row["val_psnr_trained"] > 0 and row["val_psnr"] != row["val_psnr_trained"]
+    assert "the trained weights, without the average" in capsys.readouterr().out
+    m = test_script.main(["--model_dir", run, "--data_root", sim_root, "--cache_dir", str(tmp_path / "cache")])
+    assert m["psnr"] > 0  # test.py rebuilds the model from model.pth's "model": the average
 
 
 @pytest.mark.slow
