@@ -1,4 +1,5 @@
-"""Schedules of the KL weight, the teacher-forcing ratio, the learning rate and the weight average's decay, as pure functions of the counters.
+"""Schedules of the KL weight, the teacher-forcing ratio, the learning rate and the weight average's
+decay, as pure functions of the counters.
 
 Nothing here holds state: a resumed run gets the same values from the saved (epoch, step) alone,
 whatever `--niter` it was started with.
