@@ -33,7 +33,8 @@ random (uniform random planar actions) and noop (no motion).
 
 Writes <out>/plan/summary.json (per-episode and summary figures, the host, the arguments) and
 <out>/plan/<task>_ep<k>.gif per model episode: goal | executed frame | the plan's prediction of that
-frame | the plan's last predicted frame, at each frame, re-planning marked by a red border.
+frame | the plan's last predicted frame, at each frame, re-planning marked by a red border (with
+--cost track the predicted frames show the tracked pixels in green).
 """
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
@@ -205,6 +206,13 @@ def track_cost(maps, plane_xy, target, weights):
     d = (plane_xy - torch.as_tensor(target, dtype=plane_xy.dtype, device=plane_xy.device)).norm(dim=-1)  # (H, W)
     per_frame = (maps * d.to(maps)).sum((-2, -1))  # (B, T)
     return (per_frame * torch.as_tensor(weights, dtype=per_frame.dtype, device=per_frame.device)).sum(1)
+
+
+def tint(frames, maps, colour=(0.0, 1.0, 0.0)):
+    """Frames (B, T, 3, H, W) with maps (B, T, H, W) drawn in: each pixel mixed towards colour in proportion
+    to its map value relative to the frame's largest (the plan GIF's view of the tracked pixels)."""
+    a = 0.8 * (maps / maps.amax((-2, -1), keepdim=True).clamp_min(1e-12))[:, :, None]  # (B, T, 1, H, W)
+    return frames.clamp(0, 1) * (1 - a) + a * torch.tensor(colour, dtype=frames.dtype, device=frames.device)[:, None, None]
 
 
 def arm_cost(pos, goal_ee, weights):
@@ -421,8 +429,8 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
                                                 track.expand(N, -1, -1, -1))
                     total = track_cost(maps[:, :, 0], plane_xy, target, weights).cpu().numpy()
                     total = total + args.arm_weight * arm_cost(pos, task["goal_ee"], weights)
-                if keep is not None:
-                    keep.append(pred)
+                if keep is not None:  # for the GIF: the tracked pixels drawn in
+                    keep.append(pred if track is None else tint(pred, maps[:, :, 0]))
                 return total
             x, c, _, _, hist = cem(cost, warm, np.full(horizon * 2, args.init_std), args.samples, args.iters,
                                    args.elite_frac, lo, hi, rng, candidates=[warm, 0 * warm])

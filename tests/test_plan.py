@@ -185,6 +185,8 @@ def test_track_cost_is_the_expected_distance_on_the_table():
     maps[1, 0, 4, 1], maps[1, 0, 4, 7], maps[1, 1, 4, 4] = 0.5, 0.5, 1  # spread, then on the target
     cost = plan.track_cost(maps, plane_xy, (0.04, 0.04), np.array([1.0, 2.0]))
     assert cost.tolist() == pytest.approx([0.15, 0.03])
+    drawn = plan.tint(torch.zeros(2, 2, 3, 8, 8), maps)  # the GIF's view: the tracked pixels in green
+    assert drawn[0, 0, :, 0, 1].tolist() == pytest.approx([0, 0.8, 0]) and drawn[0, 0].sum() == pytest.approx(0.8)
     pos = np.array([[[0.0, 0.0], [0.03, 0.04], [0.0, 0.0]]])
     assert plan.arm_cost(pos, (0.0, 0.0), np.array([1.0, 2.0])).tolist() == pytest.approx([0.05])
 
