@@ -195,6 +195,17 @@ def object_pixel_weights(masks, sigma, object_weight):
     return 1.0 + object_weight * m / m.max().clamp_min(1e-8)
 
 
+def designated_pixels(mask):
+    """The designated pixels' map (1, 1, H, W): uniform over an object's mask (H, W) in the last frame."""
+    m = torch.from_numpy(mask).float()
+    return (m / m.sum().clamp_min(1.0))[None, None]
+
+
+def object_plane(env, i):
+    """Each pixel's point (H, W, 2) on the horizontal plane through object i's centre (SimEnv.pixel_to_plane)."""
+    return torch.from_numpy(env.pixel_to_plane(env.scene.object_positions()[i, 2])).float()
+
+
 def track_cost(maps, plane_xy, target, weights):
     """The designated-pixel cost (Finn & Levine 2017; Ebert et al. 2017), in metres on the table: the
     expected distance to the target of a point whose position is a distribution over pixels, weighted
@@ -376,8 +387,7 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
         pixel_weights = object_pixel_weights(masks, args.blur_sigma, args.object_weight).to(device)
     plane_xy = None
     if method == "model" and args.cost == "track":  # each pixel's point on the pushed object's plane
-        z = env.scene.object_positions()[task["object"], 2]
-        plane_xy = torch.from_numpy(env.pixel_to_plane(z)).float().to(device)
+        plane_xy = object_plane(env, task["object"]).to(device)
     warm = np.zeros(horizon * 2)
     lo, hi = -sim.MAX_STEP, sim.MAX_STEP
     gif, plan_pred = [], None
@@ -406,9 +416,8 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             past_actions = np.stack(acts_hist[-(n_past - 1):]) if n_past > 1 else np.zeros((0, 4))
             past_ee = np.stack(ees[-n_past:])
             track = None
-            if plane_xy is not None:  # the designated pixels: where the object is in the last frame, uniform
-                m = torch.from_numpy(env.object_mask(task["object"])).float()
-                track = (m / m.sum().clamp_min(1.0))[None, None].to(device)  # (1, 1, H, W)
+            if plane_xy is not None:  # the designated pixels: where the object is in the last frame
+                track = designated_pixels(env.object_mask(task["object"])).to(device)
 
             def cost(x, keep=None):
                 a, pos = to_actions(x, ee_xy, gripper, horizon)

@@ -135,8 +135,7 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
     masks = [env.object_mask(i), env.object_mask(i, ee=task["goal_ee"], xy=target)]  # now, in the goal
     track = None
     if model.motion is not None:  # the designated pixels, moved by the model's motion (plan.py --cost track)
-        m = torch.from_numpy(masks[0]).float()
-        track = (m / m.sum().clamp_min(1.0))[None, None].expand(N, -1, -1, -1).to(device)
+        track = plan.designated_pixels(masks[0]).expand(N, -1, -1, -1).to(device)
     pred = plan.predict_frames(model, past.expand(N, -1, -1, -1, -1), torch.from_numpy(c).float().to(device),
                                n_future, noise, track)
     pred, maps = pred if track is not None else (pred, None)
@@ -159,8 +158,7 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
     arm = plan.arm_cost(pos, task["goal_ee"], weights)
     direct = {"arm": arm}
     if maps is not None:
-        plane_xy = torch.from_numpy(env.pixel_to_plane(env.scene.object_positions()[i, 2])).float()
-        tracked = plan.track_cost(maps[:, :, 0].cpu(), plane_xy, target, weights).numpy()
+        tracked = plan.track_cost(maps[:, :, 0].cpu(), plan.object_plane(env, i), target, weights).numpy()
         direct.update({"track": tracked, f"track + {args.arm_weight:g} arm": tracked + args.arm_weight * arm})
     out = {}
     for name, fn in costs.items():
