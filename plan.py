@@ -73,6 +73,9 @@ def get_args_parser():
     p.add_argument("--iters", type=int, default=3, help="CEM iterations per re-plan (3 in Ebert et al.)")
     p.add_argument("--elite_frac", type=float, default=0.1, help="fraction of samples refit as elites (5-10%% in the literature)")
     p.add_argument("--init_std", type=float, default=0.05, help="initial std (m per frame) of the planar actions")
+    p.add_argument("--max_speed", type=float, default=None,
+                   help="cap (m per frame) on the length of every planned planar step, for all methods; default: only "
+                        "the per-axis bound of the data (0.075)")
     p.add_argument("--replan_every", type=int, default=1, help="actions executed between re-plans")
     p.add_argument("--last_weight", type=float, default=4.0,
                    help="weight of the last predicted frame in the cost; the others weigh 1 (normalised)")
@@ -88,6 +91,9 @@ def get_args_parser():
                         "motion, to the target, plus --arm_weight x the planned arm's distance to the goal image's arm")
     p.add_argument("--arm_weight", type=float, default=0.5,
                    help="--cost track: weight of the arm term (the oracle's weight); 0 = the object alone")
+    p.add_argument("--track_margin", type=int, default=0,
+                   help="--cost track: leave out of the designated pixels those within this many pixels of the arm "
+                        "(unless none would remain); 0 = the whole visible object")
     p.add_argument("--noise", default="zero", choices=["zero", "sample"],
                    help="model latents: zero (the prior's mode, a deterministic prediction) or one prior "
                         "sample shared by all samples of an iteration (common random numbers)")
@@ -195,9 +201,16 @@ def object_pixel_weights(masks, sigma, object_weight):
     return 1.0 + object_weight * m / m.max().clamp_min(1e-8)
 
 
-def designated_pixels(mask):
-    """The designated pixels' map (1, 1, H, W): uniform over an object's mask (H, W) in the last frame."""
+def designated_pixels(mask, avoid=None, margin=0):
+    """The designated pixels' map (1, 1, H, W): uniform over an object's mask (H, W) in the last frame, less
+    the pixels within `margin` pixels (Chebyshev) of the boolean mask `avoid` (the arm), unless that
+    leaves none. The predicted motion of a pixel beside the arm is mostly the arm's, so a map there rides
+    with the arm whether or not the object is pushed."""
     m = torch.from_numpy(mask).float()
+    if avoid is not None and margin > 0:
+        near = F.max_pool2d(torch.from_numpy(avoid).float()[None, None], 2 * margin + 1, 1, margin)[0, 0]
+        if (m * (1 - near)).sum() > 0:
+            m = m * (1 - near)
     return (m / m.sum().clamp_min(1.0))[None, None]
 
 
@@ -270,14 +283,17 @@ def cem(cost_fn, mean, std, n_samples, n_iters, elite_frac, lo=None, hi=None, rn
     return best, best_cost, mean, std, history
 
 
-def to_actions(x, ee_xy, gripper, horizon):
+def to_actions(x, ee_xy, gripper, horizon, max_speed=None):
     """Planar CEM vectors (N, horizon * 2) -> action rows (N, horizon, 4) at pushing height with the
-    given gripper command, the displacements clipped so that the end effector stays in the box the
+    given gripper command, each displacement's length capped at max_speed (m per frame; None: only the
+    per-axis bound MAX_STEP) and clipped so that the end effector stays in the box the
     data's actions keep it in (as make_sim_dataset._Policy does), and the end-effector xy at each of the
     2 * horizon + 1 frames from now (N, 2 * horizon + 1, 2), integrated from the current position:
     in the data the measured position follows the commanded displacement (to ~0.3 mm on average)."""
     N = x.shape[0]
     d = np.clip(x.reshape(N, horizon, 2), -sim.MAX_STEP, sim.MAX_STEP)
+    if max_speed is not None:  # keep the plan where the model was trained: faster moves are rare in the data
+        d = d * np.minimum(1.0, max_speed / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-12))
     pos = np.zeros((N, FRAMES_PER_ACTION * horizon + 1, 2))
     pos[:, 0] = ee_xy
     for k in range(horizon):
@@ -398,10 +414,10 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             chosen = np.repeat(noop[None], horizon, 0)
         elif method == "random":
             x = rng.uniform(lo, hi, (1, horizon * 2))
-            chosen = to_actions(x, ee_xy, gripper, horizon)[0][0]
+            chosen = to_actions(x, ee_xy, gripper, horizon, args.max_speed)[0][0]
         elif method == "oracle":
             def cost(x):
-                a, _ = to_actions(x, ee_xy, gripper, horizon)
+                a, _ = to_actions(x, ee_xy, gripper, horizon, args.max_speed)
                 ee_s, obj_s = env.rollout_states(a)  # (N, 2H, 3), (N, 2H, n, 3)
                 d = np.linalg.norm(ee_s[..., :2] - task["goal_ee"], axis=-1)  # the arm, as in the goal image
                 if task["kind"] == "object":
@@ -409,7 +425,7 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
                 return (d[:, :n_future] * weights).sum(1)
             x, c, _, _, hist = cem(cost, warm, np.full(horizon * 2, args.init_std), args.oracle_samples or args.samples,
                                    args.iters, args.elite_frac, lo, hi, rng, candidates=[warm, 0 * warm])
-            chosen = to_actions(x[None], ee_xy, gripper, horizon)[0][0]
+            chosen = to_actions(x[None], ee_xy, gripper, horizon, args.max_speed)[0][0]
             plan_costs.append(hist)
         else:  # the video model
             past = torch.from_numpy(np.stack(frames[-n_past:])).permute(0, 3, 1, 2).float().div(255).to(device)
@@ -417,10 +433,10 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             past_ee = np.stack(ees[-n_past:])
             track = None
             if plane_xy is not None:  # the designated pixels: where the object is in the last frame
-                track = designated_pixels(env.object_mask(task["object"])).to(device)
+                track = designated_pixels(env.object_mask(task["object"]), env.arm_mask(), args.track_margin).to(device)
 
             def cost(x, keep=None):
-                a, pos = to_actions(x, ee_xy, gripper, horizon)
+                a, pos = to_actions(x, ee_xy, gripper, horizon, args.max_speed)
                 c = torch.from_numpy(model_conds(past_actions, past_ee, a, pos, n_past, n_future)).float().to(device)
                 N = x.shape[0]
                 steps = n_past + n_future - 1
@@ -446,7 +462,7 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             keep = []
             cost(x[None], keep)
             plan_pred = (keep[0][0].clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-            chosen = to_actions(x[None], ee_xy, gripper, horizon)[0][0]
+            chosen = to_actions(x[None], ee_xy, gripper, horizon, args.max_speed)[0][0]
             plan_costs.append(hist)
         # Warm start of the next re-plan: this plan shifted by the executed actions (receding horizon),
         # the sampling mean and one candidate, beside the candidate of no motion.
@@ -518,6 +534,10 @@ def main(argv=None):
         parser.error(f"--elite_frac must be in (0, 1], got {args.elite_frac}")
     if args.init_std <= 0 or args.last_weight <= 0 or args.blur_sigma < 0 or args.object_weight < 0 or args.arm_weight < 0:
         parser.error("--init_std and --last_weight must be > 0, --blur_sigma, --object_weight and --arm_weight >= 0")
+    if args.track_margin < 0:
+        parser.error(f"--track_margin must be >= 0 (pixels), got {args.track_margin}")
+    if args.max_speed is not None and args.max_speed <= 0:
+        parser.error(f"--max_speed must be > 0 (m per frame), got {args.max_speed}")
     if args.cost == "track" and args.task != "push":
         parser.error(f"--cost track follows the pushed object's pixels: it needs --task push, not {args.task}")
     if args.seed < 0:

@@ -178,6 +178,16 @@ class SimEnv(gym.Env):
         without = self.render_goal(ee=ee, objects={i: (OUT_OF_VIEW, OUT_OF_VIEW)}).astype(np.int16)
         return np.abs(with_it - without).max(-1) > 8  # of 255: only a clear difference counts
 
+    def arm_mask(self):
+        """Where the arm (the drawn robot and the pusher) covers the last observed frame: (64, 64) bool, from
+        the renderer's segmentation buffer (the frames themselves are rendered without one). A planner
+        keeps its designated pixels off it: the motion predicted there is the arm's."""
+        sc = self.scene
+        n = sc.render_size
+        seg = sc.p.getCameraImage(n, n, sc.view, sc.proj, renderer=sc.S["p"].ER_TINY_RENDERER, shadow=0)[4]
+        seg = np.reshape(np.asarray(seg), (n, n))
+        return np.isin(seg, [sc.handles["robot"], sc.pusher])
+
     def pixel_to_plane(self, z):
         """Where each pixel's line of sight meets the horizontal plane at height z: (64, 64, 2) xy in metres
         (row 0 the top of the frame). A planner reads a map over pixels as a distribution over the table

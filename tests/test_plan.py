@@ -60,6 +60,11 @@ def test_actions_stay_in_the_box_and_positions_integrate():
     assert np.all(pos >= plan.EE_LO - 1e-12) and np.all(pos <= plan.EE_HI + 1e-12)
     assert np.allclose(np.diff(pos, axis=1), np.repeat(acts[..., :2], 2, axis=1))
     assert np.all(np.abs(acts[..., :2]) <= sim.MAX_STEP + 1e-12) and np.all(acts[..., 2] == 0) and np.all(acts[..., 3] == 1)
+    back_and_forth = [0.06, 0.08, -0.06, -0.08] * 2 + [0.06, 0.08]  # stays inside the box
+    capped, _ = plan.to_actions(np.array([back_and_forth, [0.01, 0.0] * 5]), np.array([0.6, -0.05]), 1, 5, max_speed=0.05)
+    speed = np.linalg.norm(capped[..., :2], axis=-1)
+    assert np.allclose(speed[0], 0.05) and np.allclose(speed[1], 0.01)  # long steps shortened, short ones kept
+    assert np.allclose(capped[0, 0, :2] / 0.05, np.array([0.06, 0.075]) / np.hypot(0.06, 0.075))  # direction kept
 
 
 def test_conditions_follow_the_data_layout():
@@ -191,6 +196,15 @@ def test_track_cost_is_the_expected_distance_on_the_table():
     assert plan.arm_cost(pos, (0.0, 0.0), np.array([1.0, 2.0])).tolist() == pytest.approx([0.05])
 
 
+def test_designated_pixels_keep_off_the_arm():
+    obj, arm = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    obj[2:6, 1:5], arm[:, 5:] = True, True  # the object's right column touches the arm
+    m = plan.designated_pixels(obj, arm, margin=2)[0, 0]
+    assert m.sum().item() == pytest.approx(1) and m[2:6, 1:3].min() == pytest.approx(1 / 8) and m[:, 3:].sum() == 0
+    assert plan.designated_pixels(obj, arm, margin=0)[0, 0][obj].min() == pytest.approx(1 / 16)  # margin 0: all of it
+    assert plan.designated_pixels(obj, np.ones((8, 8), bool), margin=1)[0, 0][obj].min() == pytest.approx(1 / 16)  # none left
+
+
 def test_plan_with_the_tracked_object_pixels(tiny_flow_run, tmp_path):
     out = tmp_path / "out"
     res = plan.main(["--model_dir", tiny_flow_run, "--task", "push", "--cost", "track", "--episodes", "1",
@@ -202,7 +216,8 @@ def test_plan_with_the_tracked_object_pixels(tiny_flow_run, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "model,magic"], "--methods"), (["--episodes", "0"], "--episodes"),
     (["--elite_frac", "0"], "--elite_frac"), (["--cost", "track", "--task", "reach"], "--task push"),
-    (["--cost", "track", "--task", "push"], "--motion"), (["--arm_weight", "-1"], "--arm_weight")])
+    (["--cost", "track", "--task", "push"], "--motion"), (["--arm_weight", "-1"], "--arm_weight"),
+    (["--max_speed", "0"], "--max_speed"), (["--track_margin", "-1"], "--track_margin")])
 def test_bad_flags_are_named(tiny_run, flags, message, capsys):
     with pytest.raises(SystemExit):
         plan.main(["--model_dir", tiny_run] + flags)

@@ -138,6 +138,17 @@ def test_object_masks_cover_each_object_and_leave_the_episode_untouched(env):
     assert np.allclose(after["objects"][2:], info["objects"][2:], atol=1e-3)
 
 
+def test_arm_mask_is_where_the_arm_is(env):
+    frame, info = env.reset(seed=5)
+    arm = env.arm_mask()
+    assert arm.shape == (64, 64) and arm.dtype == bool and 100 < arm.sum() < 2000
+    away = env.render_goal(ee=(sim.EE_X[1], sim.EE_Y[0]) if info["ee"][0] < 0.6 else (sim.EE_X[0], sim.EE_Y[1]))
+    changed = np.abs(away.astype(int) - frame.astype(int)).max(-1) > 8  # the arm moved far: its old pixels change
+    assert (changed & arm).sum() > 0.9 * arm.sum()
+    assert all(not (env.object_mask(i) & arm).any() for i in range(len(info["objects"])))  # none hidden by the arm
+    assert np.array_equal(env.render(), frame)
+
+
 def test_reward_is_minus_the_distance_to_the_goal(env):
     frame, info = env.reset(seed=1, options={"goal": {"ee": (0.6, 0.0)}})
     _, r, _, _, info = env.step(np.array([0.0, 0.0, 0, 0]))
