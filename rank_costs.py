@@ -11,7 +11,8 @@ rendered frames) and predicted by the model in one batched rollout (zero latents
 cost is computed on both frame sets; the script prints, per cost and frame set, the Spearman rank
 correlation of cost and true distance and the mean true distance of the 10 cheapest candidates, and
 writes <out>/plan/rank_costs.json. Low correlation on true frames means the cost is short; a drop from
-true to model frames is the model's.
+true to model frames is the model's. It also prints how well the model predicts the candidates (PSNR of
+predicted against true frames), apart for those whose steps keep to --max_speed and the faster ones.
 
 Costs: plan.image_cost (blurred pixel L2 to the goal image), with the pushed object's pixels weighed
 by each of --object_weights (plan.object_pixel_weights), and `centroid`: the distance from the goal
@@ -55,6 +56,9 @@ def get_args_parser():
     p.add_argument("--window", type=float, default=12,
                    help="centroid cost: count only pixels within this many pixels of the object's or its goal's centre (0 = all)")
     p.add_argument("--arm_weight", type=float, default=0.5, help="weight of the arm term in `track + arm`, as plan.py")
+    p.add_argument("--max_speed", type=float, default=0.05,
+                   help="the prediction PSNR is reported apart for candidates whose every step is at most this long "
+                        "(m per frame) and for the faster ones (plan.py --max_speed)")
     p.add_argument("--out", default="", help="output directory (default: --model_dir); results go to <out>/plan")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     return p
@@ -169,7 +173,13 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
     for name, c in direct.items():
         ranked = (spearman(c, true_dist), float(true_dist[np.argsort(c)[:10]].mean()))
         out[name] = {"model": ranked, "true": ranked if name == "arm" else None}
-    info = {"seed": seed, "true_distance_min": float(true_dist.min()), "true_distance_median": float(np.median(true_dist))}
+    # How well the model predicts each candidate, against how fast its arm moves: its fastest step's length.
+    mse = (pred - real).pow(2).mean((1, 2, 3, 4)).clamp_min(1e-10)  # (N,)
+    fast = np.linalg.norm(acts[..., :2], axis=-1).max(1) > args.max_speed
+    psnr = (10 * torch.log10(1 / mse)).numpy()
+    info = {"seed": seed, "true_distance_min": float(true_dist.min()), "true_distance_median": float(np.median(true_dist)),
+            "psnr_slow": float(psnr[~fast].mean()) if (~fast).any() else None,
+            "psnr_fast": float(psnr[fast].mean()) if fast.any() else None}
     return out, info
 
 
@@ -184,8 +194,9 @@ def main(argv=None):
         parser.error(f"--object_weights {args.object_weights}: weights must be >= 0")
     if args.scenes < 1 or args.candidates < 20 or args.seed < 0:
         parser.error("--scenes must be >= 1, --candidates >= 20, --seed >= 0")
-    if args.init_std <= 0 or args.last_weight <= 0 or args.blur_sigma < 0 or args.colour_tau <= 0 or args.window < 0:
-        parser.error("--init_std, --last_weight and --colour_tau must be > 0, --blur_sigma and --window >= 0")
+    if args.init_std <= 0 or args.last_weight <= 0 or args.blur_sigma < 0 or args.colour_tau <= 0 or args.window < 0 \
+            or args.max_speed <= 0:
+        parser.error("--init_std, --last_weight, --colour_tau and --max_speed must be > 0, --blur_sigma and --window >= 0")
     model, n_past, n_future, device = plan.open_model(parser, args)
     env = SimEnv()
     scenes, per_cost = [], {}
@@ -196,8 +207,14 @@ def main(argv=None):
             per_cost.setdefault(name, []).append(r)
         print(f"scene {args.seed + k}: true distance min {100 * info['true_distance_min']:.1f} cm, median "
               f"{100 * info['true_distance_median']:.1f}; rank correlation model/true "
-              + ", ".join(f"{n} {r['model'][0]:+.2f}/{fmt(r['true'], 0, '+.2f')}" for n, r in res.items()), flush=True)
-    summary = {}
+              + ", ".join(f"{n} {r['model'][0]:+.2f}/{fmt(r['true'], 0, '+.2f')}" for n, r in res.items())
+              + f"; prediction PSNR slow/fast {fmt(info, 'psnr_slow', '.2f')}/{fmt(info, 'psnr_fast', '.2f')} dB", flush=True)
+    summary, prediction = {}, {}
+    for k in ("psnr_slow", "psnr_fast"):
+        v = [s[k] for s in scenes if s[k] is not None]
+        prediction[k] = float(np.mean(v)) if v else None
+    print(f"\nPSNR of the model's predictions against the true frames: steps at most {args.max_speed:g} m per frame "
+          f"{fmt(prediction, 'psnr_slow', '.2f')} dB, faster {fmt(prediction, 'psnr_fast', '.2f')} dB")
     print(f"\nover {args.scenes} scenes x {args.candidates} candidates: rank correlation of cost and true "
           "object distance; true distance (cm) of the 10 cheapest")
     print(f"  {'cost':<26} {'model':>7} {'true':>7} {'model cm':>9} {'true cm':>8}")
@@ -210,7 +227,7 @@ def main(argv=None):
               f"{cm['model_top10_distance']:9.1f} {fmt(cm, 'true_top10_distance', '8.1f')}")
     out = os.path.join(args.out or args.model_dir, "plan")
     os.makedirs(out, exist_ok=True)
-    result = {"summary": summary, "scenes": scenes, "args": {k: v for k, v in vars(args).items() if k != "weights"}}
+    result = {"summary": summary, "prediction_psnr": prediction, "scenes": scenes, "args": {k: v for k, v in vars(args).items() if k != "weights"}}
     checkpoints.write_json(os.path.join(out, "rank_costs.json"), result)
     print(f"wrote {os.path.join(out, 'rank_costs.json')}")
     return result

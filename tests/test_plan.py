@@ -149,6 +149,8 @@ def test_rank_costs_end_to_end_on_a_tiny_model(tiny_run, tiny_flow_run, tmp_path
     assert set(s["summary"]) == {"image", "image, object weight 30", "centroid", "arm"} == set(res["summary"])
     for v in s["summary"].values():
         assert -1 <= v["model_spearman"] <= 1 and -1 <= v["true_spearman"] <= 1 and v["true_top10_distance"] > 0
+    psnr = [v for v in s["prediction_psnr"].values() if v is not None]  # candidates split by the speed of their steps
+    assert psnr and all(0 < v < 100 for v in psnr)
     flow = rank_costs.main(["--model_dir", tiny_flow_run, "--scenes", "1", "--candidates", "20",
                             "--out", str(tmp_path / "flow")])["summary"]
     assert {"track", "track + 0.5 arm"} <= set(flow) and flow["track"]["true_spearman"] is None
