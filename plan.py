@@ -65,7 +65,7 @@ def get_args_parser():
     p.add_argument("--checkpoint", default="model.pth", help="file in --model_dir: model.pth (best) or last.pth")
     p.add_argument("--task", default="reach", choices=sorted(THRESHOLDS), help="what to bring to the target")
     p.add_argument("--episodes", type=int, default=5, help="episodes (scenes) per method")
-    p.add_argument("--seed", type=int, default=0, help="first environment scene seed (episode k uses seed + k)")
+    p.add_argument("--seed", type=int, default=0, help="first environment scene seed (episode k uses the k-th scene from it that has a target for the task)")
     p.add_argument("--steps", type=int, default=6, help="actions executed per episode (each held for 2 frames)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--samples", type=int, default=100,
@@ -332,6 +332,10 @@ def model_conds(past_actions, past_ee, acts, pos, n_past, n_future):
 # ----------------------------------------------------------------------------------------------
 # Tasks and episodes
 
+class NoTarget(RuntimeError):
+    """A scene with no target for the task inside the box the arm keeps to (the episode loops skip it)."""
+
+
 def make_task(env, task, episode_seed):
     """Target and goal image for the scene just reset. Returns a dict."""
     rng = np.random.default_rng([episode_seed, 7])
@@ -358,7 +362,7 @@ def make_task(env, task, episode_seed):
             if np.all(target >= EE_LO) and np.all(target <= EE_HI) and np.all(goal_ee >= EE_LO) and np.all(goal_ee <= EE_HI):
                 goal = env.render_goal(ee=goal_ee, objects={i: target})
                 return {"kind": "object", "object": i, "target": target, "goal_ee": goal_ee, "goal": goal}
-    raise RuntimeError(f"no feasible {task} target in scene {episode_seed}")
+    raise NoTarget(f"no feasible {task} target in scene {episode_seed}")
 
 
 def distance(task, state, target):
@@ -554,16 +558,23 @@ def main(argv=None):
     records = []
     print(f"{args.task}: {args.episodes} episodes x {', '.join(methods)}; horizon {n_future} frames "
           f"({n_future // FRAMES_PER_ACTION} actions), {args.steps} actions per episode, CEM {args.samples} x {args.iters}")
-    for e in range(args.episodes):
-        seed = args.seed + e
+    e, seed = 0, args.seed
+    while e < args.episodes:
+        try:  # the task is drawn before any action, so a scene without one fails at its first method
+            first = run_episode(env, methods[0], args, seed, model, n_past, n_future, device)
+        except NoTarget as err:
+            print(f"  scene {seed}: {err}, skipped", flush=True)
+            seed += 1
+            continue
         for m in methods:
-            rec, gif = run_episode(env, m, args, seed, model, n_past, n_future, device)
+            rec, gif = first if m == methods[0] else run_episode(env, m, args, seed, model, n_past, n_future, device)
             records.append(rec)
             if gif and not args.no_gif:
                 write_gif(os.path.join(out, f"{args.task}_ep{e}.gif"), gif)
             print(f"  episode {e} (scene {seed}) {m:>6}: distance {100 * rec['initial_distance']:5.1f} -> "
                   f"{100 * rec['final_distance']:5.1f} cm  {'success' if rec['success'] else 'fail   '}  "
                   f"{rec['seconds']:6.1f} s", flush=True)
+        e, seed = e + 1, seed + 1
     summary = summarise(records, THRESHOLDS[args.task])
     print(f"\n{args.task}: success within {100 * THRESHOLDS[args.task]:.0f} cm, final distance (cm), "
           f"reduction vs no-op (cm), seconds per episode")

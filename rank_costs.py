@@ -27,6 +27,7 @@ frames the object's position is the answer itself.
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
+import itertools
 import os
 
 import numpy as np
@@ -43,7 +44,7 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_dir", required=True, help="run directory written by train_fixed_prior.py")
     p.add_argument("--checkpoint", default="model.pth", help="file in --model_dir: model.pth (best) or last.pth")
-    p.add_argument("--scenes", type=int, default=6, help="push scenes (plan.py's episode seeds --seed, --seed + 1, ...)")
+    p.add_argument("--scenes", type=int, default=6, help="push scenes: plan.py's, from scene seed --seed on, those with a target")
     p.add_argument("--seed", type=int, default=0, help="first scene seed")
     p.add_argument("--candidates", type=int, default=250,
                    help="candidates per scene: 60%% Gaussian (--init_std), 20%% uniform, 20%% straight to the target")
@@ -200,12 +201,18 @@ def main(argv=None):
     model, n_past, n_future, device = plan.open_model(parser, args)
     env = SimEnv()
     scenes, per_cost = [], {}
-    for k in range(args.scenes):
-        res, info = rank_scene(env, model, args, args.seed + k, n_past, n_future, device)
+    for seed in itertools.count(args.seed):
+        if len(scenes) == args.scenes:
+            break
+        try:
+            res, info = rank_scene(env, model, args, seed, n_past, n_future, device)
+        except plan.NoTarget as err:  # as plan.py: the next scene instead
+            print(f"scene {seed}: {err}, skipped", flush=True)
+            continue
         scenes.append({**info, "costs": res})
         for name, r in res.items():
             per_cost.setdefault(name, []).append(r)
-        print(f"scene {args.seed + k}: true distance min {100 * info['true_distance_min']:.1f} cm, median "
+        print(f"scene {seed}: true distance min {100 * info['true_distance_min']:.1f} cm, median "
               f"{100 * info['true_distance_median']:.1f}; rank correlation model/true "
               + ", ".join(f"{n} {r['model'][0]:+.2f}/{fmt(r['true'], 0, '+.2f')}" for n, r in res.items())
               + f"; prediction PSNR slow/fast {fmt(info, 'psnr_slow', '.2f')}/{fmt(info, 'psnr_fast', '.2f')} dB", flush=True)

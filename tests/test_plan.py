@@ -184,6 +184,13 @@ def test_plan_end_to_end_on_a_tiny_model(tiny_run, tmp_path, task, flags):
     assert res["summary"]["model"]["episodes"] == 1
 
 
+def test_scenes_without_a_push_target_are_skipped(tiny_run, tmp_path, capsys):
+    res = plan.main(["--model_dir", tiny_run, "--task", "push", "--episodes", "1", "--seed", "10", "--steps", "1",
+                     "--methods", "noop", "--no_gif", "--out", str(tmp_path)])
+    assert [r["seed"] for r in res["episodes"]] == [11]  # scene 10 has no target inside the arm's box
+    assert "scene 10: no feasible push target" in capsys.readouterr().out
+
+
 def test_track_cost_is_the_expected_distance_on_the_table():
     yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     plane_xy = torch.stack([xx, yy], -1) / 100  # 1 cm per pixel
