@@ -563,7 +563,7 @@ def main(argv=None):
         try:  # the task is drawn before any action, so a scene without one fails at its first method
             first = run_episode(env, methods[0], args, seed, model, n_past, n_future, device)
         except NoTarget as err:
-            print(f"  scene {seed}: {err}, skipped", flush=True)
+            print(f"  {err}, skipped", flush=True)
             seed += 1
             continue
         for m in methods:

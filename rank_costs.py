@@ -207,7 +207,7 @@ def main(argv=None):
         try:
             res, info = rank_scene(env, model, args, seed, n_past, n_future, device)
         except plan.NoTarget as err:  # as plan.py: the next scene instead
-            print(f"scene {seed}: {err}, skipped", flush=True)
+            print(f"{err}, skipped", flush=True)
             continue
         scenes.append({**info, "costs": res})
         for name, r in res.items():

@@ -188,7 +188,7 @@ def test_scenes_without_a_push_target_are_skipped(tiny_run, tmp_path, capsys):
     res = plan.main(["--model_dir", tiny_run, "--task", "push", "--episodes", "1", "--seed", "10", "--steps", "1",
                      "--methods", "noop", "--no_gif", "--out", str(tmp_path)])
     assert [r["seed"] for r in res["episodes"]] == [11]  # scene 10 has no target inside the arm's box
-    assert "scene 10: no feasible push target" in capsys.readouterr().out
+    assert "no feasible push target in scene 10, skipped" in capsys.readouterr().out
 
 
 def test_track_cost_is_the_expected_distance_on_the_table():
