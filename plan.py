@@ -26,6 +26,11 @@ distribution over the table (SimEnv.pixel_to_plane at the object's height), and 
 expected distance to the target, plus --arm_weight x the planned arm's distance to the goal image's.
 The designated pixels are re-found at each re-plan from the simulator's object mask: a perfect
 tracker, where a real robot would need one (Ebert et al. 2017 register the goal image instead).
+--max_speed caps each planned step's length (all methods): the model predicts fast arm motion worse
+than the data's usual speed, and an optimiser seeks out where a model is wrong. The push recipe
+measured in docs/planning.md:
+
+    python plan.py --model_dir RUN --task push --cost track --max_speed 0.05 --init_std 0.03
 
 Methods, run on the same scenes: model (image CEM with the video model), oracle (the same CEM with the
 simulator itself as the model, scored by state, not images: exact, no rendering, so affordable),
@@ -74,8 +79,9 @@ def get_args_parser():
     p.add_argument("--elite_frac", type=float, default=0.1, help="fraction of samples refit as elites (5-10%% in the literature)")
     p.add_argument("--init_std", type=float, default=0.05, help="initial std (m per frame) of the planar actions")
     p.add_argument("--max_speed", type=float, default=None,
-                   help="cap (m per frame) on the length of every planned planar step, for all methods; default: only "
-                        "the per-axis bound of the data (0.075)")
+                   help="cap (m per frame) on the length of every planned planar step, for all methods; None: only "
+                        "the data's per-axis bound (0.075); 0.05, the data's policy speed, for pushing with --cost track "
+                        "(docs/planning.md)")
     p.add_argument("--replan_every", type=int, default=1, help="actions executed between re-plans")
     p.add_argument("--last_weight", type=float, default=4.0,
                    help="weight of the last predicted frame in the cost; the others weigh 1 (normalised)")
