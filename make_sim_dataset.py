@@ -408,13 +408,23 @@ class SimScene:
             p.stepSimulation()
         self.cmd = self.handles["start"].copy()  # the commanded pusher position
 
+    def _camera(self, client, **options):
+        """One image of the scene's camera in client: getCameraImage's (width, height, rgba, depth, segmentation)."""
+        n = self.render_size
+        return client.getCameraImage(n, n, self.view, self.proj, renderer=self.S["p"].ER_TINY_RENDERER, shadow=0, **options)
+
     def _render(self, client):
         n = self.render_size
-        _, _, rgb, depth, _ = client.getCameraImage(
-            n, n, self.view, self.proj, renderer=self.S["p"].ER_TINY_RENDERER, shadow=0, lightDirection=self.light,
-            lightAmbientCoeff=0.62, lightDiffuseCoeff=0.45, lightSpecularCoeff=0.05, flags=self.S["p"].ER_NO_SEGMENTATION_MASK)
+        _, _, rgb, depth, _ = self._camera(
+            client, lightDirection=self.light, lightAmbientCoeff=0.62, lightDiffuseCoeff=0.45, lightSpecularCoeff=0.05,
+            flags=self.S["p"].ER_NO_SEGMENTATION_MASK)
         rgb = np.reshape(np.asarray(rgb, np.uint8), (n, n, 4))[:, :, :3]
         return rgb, np.reshape(np.asarray(depth, np.float32), (n, n))
+
+    def segmentation(self):
+        """The body id seen at each pixel of the physics scene as last drawn, (H, W) int (-1: none)."""
+        n = self.render_size
+        return np.reshape(np.asarray(self._camera(self.p)[4]), (n, n))
 
     def pusher_position(self):
         return np.array(self.p.getBasePositionAndOrientation(self.pusher)[0])

@@ -443,7 +443,8 @@ def run_episode(env, method, args, episode_seed, model=None, n_past=2, n_future=
             past_ee = np.stack(ees[-n_past:])
             track = None
             if plane_xy is not None:  # the designated pixels: where the object is in the last frame
-                track = designated_pixels(env.object_mask(task["object"]), env.arm_mask(), args.track_margin).to(device)
+                arm = env.arm_mask() if args.track_margin > 0 else None  # a render: only when it is used
+                track = designated_pixels(env.object_mask(task["object"]), arm, args.track_margin).to(device)
 
             def cost(x, keep=None):
                 a, pos = to_actions(x, ee_xy, gripper, horizon, args.max_speed)

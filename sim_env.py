@@ -183,10 +183,7 @@ class SimEnv(gym.Env):
         the renderer's segmentation buffer (the frames themselves are rendered without one). A planner
         keeps its designated pixels off it: the motion predicted there is the arm's."""
         sc = self.scene
-        n = sc.render_size
-        seg = sc.p.getCameraImage(n, n, sc.view, sc.proj, renderer=sc.S["p"].ER_TINY_RENDERER, shadow=0)[4]
-        seg = np.reshape(np.asarray(seg), (n, n))
-        return np.isin(seg, [sc.handles["robot"], sc.pusher])
+        return np.isin(sc.segmentation(), [sc.handles["robot"], sc.pusher])
 
     def pixel_to_plane(self, z):
         """Where each pixel's line of sight meets the horizontal plane at height z: (64, 64, 2) xy in metres
