@@ -35,6 +35,7 @@ import torch
 
 import checkpoints
 import make_sim_dataset as sim
+import metrics
 import plan
 from sim_env import SimEnv
 
@@ -175,9 +176,8 @@ def rank_scene(env, model, args, seed, n_past, n_future, device):
         ranked = (spearman(c, true_dist), float(true_dist[np.argsort(c)[:10]].mean()))
         out[name] = {"model": ranked, "true": ranked if name == "arm" else None}
     # How well the model predicts each candidate, against how fast its arm moves: its fastest step's length.
-    mse = (pred - real).pow(2).mean((1, 2, 3, 4)).clamp_min(1e-10)  # (N,)
+    psnr = metrics.batch_psnr(real, pred).mean(1).numpy()  # (N,): the test's per-frame PSNR, averaged over frames
     fast = np.linalg.norm(acts[..., :2], axis=-1).max(1) > args.max_speed
-    psnr = (10 * torch.log10(1 / mse)).numpy()
     info = {"seed": seed, "true_distance_min": float(true_dist.min()), "true_distance_median": float(np.median(true_dist)),
             "psnr_slow": float(psnr[~fast].mean()) if (~fast).any() else None,
             "psnr_fast": float(psnr[fast].mean()) if fast.any() else None}
