@@ -7,7 +7,7 @@ test each run, and compare them, in one command.
     python experiments.py teacher_forcing --niter 4       # other flags (after the set name) go to training
     python experiments.py extras --jobs 2 --n_samples 20  # FiLM, CondConv, latent levels; 2 runs at once; best of 20
 
-Every configuration starts from demo.py's `demo` recipe (a CPU-sized model, 300 iterations) on the
+Every configuration starts from demo.py's `demo_plain` recipe (the course's model, CPU-sized, 300 iterations) on the
 simulated data (generated into --data_root when absent, as demo.py does), adds the set's flags, then
 the extra flags given here (which win). Each run trains with train_fixed_prior.py, is scored with
 test.py (real and shuffled conditions; with --n_samples N also the best of N prior samples), and the
@@ -91,7 +91,7 @@ SETS = {
             ("latent_levels=3", ["--latent_levels", "3", "--beta", "1e-4", "--epoch_size", "40"]),
         ]},
 }
-BASE = "demo"  # demo.RECIPES key every configuration starts from
+BASE = "demo_plain"  # demo.RECIPES key every configuration starts from: the course's model at the demo's scale
 
 
 def get_args_parser():

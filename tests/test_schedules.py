@@ -73,6 +73,10 @@ def test_recipes_are_valid_flag_sets(sim_root):
         args, _, _ = train.resolve_args(parser, flags + ["--data_root", sim_root])
         train.check_args(args, parser)  # parser.error would exit
     assert demo.RECIPES["demo"] != demo.RECIPES["long"]
+    # The report's comparisons start from the course's model: a base with FiLM would make the extras set's
+    # "baseline" a FiLM model.
+    base, _, _ = train.resolve_args(parser, demo.RECIPES[experiments.BASE] + ["--data_root", sim_root])
+    assert base.cond_conv == "none" and base.lr_schedule == "constant" and base.ema == 0
 
 
 def test_weight_average_forgets_the_initialisation_and_trails_the_weights():
