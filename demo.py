@@ -51,7 +51,10 @@ RECIPES = {
 def get_args_parser():
     p = argparse.ArgumentParser("Simulated data -> train -> test, on a CPU", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Other flags are passed to train_fixed_prior.py (see its --help).")
-    p.add_argument("--recipe", default="demo", choices=sorted(RECIPES), help="demo / long: 1,000 / 3,200 iterations of the best CPU recipe (FiLM, batch 4, warm-up + cosine, weight average); demo_plain / long_plain: the course's model at its constant rate, 300 / 3,000 iterations")
+    p.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
+                   help="demo / long: 1,000 / 3,200 iterations of the best CPU recipe (FiLM, batch 4, warm-up + cosine, "
+                        "weight average); demo_plain / long_plain: the course's model at its constant rate, 300 / 3,000 "
+                        "iterations")
     p.add_argument("--data_root", default="./data/sim_data", help="simulated data set (generated when absent)")
     p.add_argument("--log_dir", default="", help="run base directory (default: ./logs/<recipe>)")
     p.add_argument("--n_train", type=int, default=2000, help="training sequences to simulate when generating")

@@ -44,6 +44,7 @@ frame | the plan's last predicted frame, at each frame, re-planning marked by a 
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -339,7 +340,22 @@ def model_conds(past_actions, past_ee, acts, pos, n_past, n_future):
 # Tasks and episodes
 
 class NoTarget(RuntimeError):
-    """A scene with no target for the task inside the box the arm keeps to (the episode loops skip it)."""
+    """A scene with no target for the task inside the box the arm keeps to (feasible_scenes skips it)."""
+
+
+def feasible_scenes(run, first_seed, n):
+    """run(seed) on scene seeds first_seed, first_seed + 1, ... until n of them have a target for the task;
+    yields (k, seed, run's result) for the k-th such scene and reports each skipped one."""
+    k, seed = 0, first_seed
+    while k < n:
+        try:
+            result = run(seed)
+        except NoTarget as err:
+            print(f"{err}, skipped", flush=True)
+        else:
+            yield k, seed, result
+            k += 1
+        seed += 1
 
 
 def make_task(env, task, episode_seed):
@@ -565,14 +581,10 @@ def main(argv=None):
     records = []
     print(f"{args.task}: {args.episodes} episodes x {', '.join(methods)}; horizon {n_future} frames "
           f"({n_future // FRAMES_PER_ACTION} actions), {args.steps} actions per episode, CEM {args.samples} x {args.iters}")
-    e, seed = 0, args.seed
-    while e < args.episodes:
-        try:  # the task is drawn before any action, so a scene without one fails at its first method
-            first = run_episode(env, methods[0], args, seed, model, n_past, n_future, device)
-        except NoTarget as err:
-            print(f"  {err}, skipped", flush=True)
-            seed += 1
-            continue
+    # The task is drawn before any action, so a scene without one fails at its first method.
+    first_method = functools.partial(run_episode, env, methods[0], args, model=model, n_past=n_past, n_future=n_future,
+                                     device=device)
+    for e, seed, first in feasible_scenes(first_method, args.seed, args.episodes):
         for m in methods:
             rec, gif = first if m == methods[0] else run_episode(env, m, args, seed, model, n_past, n_future, device)
             records.append(rec)
@@ -581,7 +593,6 @@ def main(argv=None):
             print(f"  episode {e} (scene {seed}) {m:>6}: distance {100 * rec['initial_distance']:5.1f} -> "
                   f"{100 * rec['final_distance']:5.1f} cm  {'success' if rec['success'] else 'fail   '}  "
                   f"{rec['seconds']:6.1f} s", flush=True)
-        e, seed = e + 1, seed + 1
     summary = summarise(records, THRESHOLDS[args.task])
     print(f"\n{args.task}: success within {100 * THRESHOLDS[args.task]:.0f} cm, final distance (cm), "
           f"reduction vs no-op (cm), seconds per episode")

@@ -27,7 +27,7 @@ frames the object's position is the answer itself.
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
-import itertools
+import functools
 import os
 
 import numpy as np
@@ -201,14 +201,8 @@ def main(argv=None):
     model, n_past, n_future, device = plan.open_model(parser, args)
     env = SimEnv()
     scenes, per_cost = [], {}
-    for seed in itertools.count(args.seed):
-        if len(scenes) == args.scenes:
-            break
-        try:
-            res, info = rank_scene(env, model, args, seed, n_past, n_future, device)
-        except plan.NoTarget as err:  # as plan.py: the next scene instead
-            print(f"{err}, skipped", flush=True)
-            continue
+    rank = functools.partial(rank_scene, env, model, args, n_past=n_past, n_future=n_future, device=device)
+    for _, seed, (res, info) in plan.feasible_scenes(rank, args.seed, args.scenes):
         scenes.append({**info, "costs": res})
         for name, r in res.items():
             per_cost.setdefault(name, []).append(r)
