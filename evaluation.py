@@ -68,7 +68,8 @@ def cond_ablation(dataset, mode, seed):
 
 @torch.no_grad()
 def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_workers=0, seed=1, amp="off",
-             cond_mode="real", keep=(), compile_metrics=False, n_samples=1, lpips=None):
+             cond_mode="real", keep=(), compile_metrics=False, n_samples=1, lpips=None, diversity_samples=0,
+             fvd_scorer=None, fvd_ref=None, fvd_samples=1):
     """Score `model` on every sequence of `dataset`, each exactly once, in order (see the module docstring).
 
     keep: sequence indices whose clips are returned for pictures: (gt, given + predicted frames) and, with
@@ -76,16 +77,23 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
     compile_metrics: score with the torch.compile'd metrics (metrics.batch_metrics).
     n_samples: prior samples per sequence; sample 0 is the graded one, so the headline numbers do not
         change with it. lpips: a metrics-LPIPS module (lpips_torch.LPIPS) to add LPIPS to the sampled
-        summary and the pairwise-LPIPS diversity.
+        summary and the pairwise-LPIPS diversity, over the first `diversity_samples` samples (0: all; the
+        pairs grow as N^2 and their features are held for a whole batch).
+    fvd_scorer, fvd_ref: an fvd.Scorer and the split's fvd.reference: FVD of the first `fvd_samples`
+        samples against the real clips, for the predicted frames and for the whole clip (fvd.summarize).
     BatchNorm runs in eval mode, folded into the layers before it (models.fast.inference_copy: `model`
     itself is not touched).
     """
+    import fvd as fvd_module
     model = fast.inference_copy(model)
     loader = torch.utils.data.DataLoader(cond_ablation(dataset, cond_mode, seed), batch_size=batch_size,
                                          shuffle=False, drop_last=False, num_workers=num_workers)
     T, steps = n_past + n_future, n_past + n_future - 1
+    n_div = min(diversity_samples or n_samples, n_samples)
+    n_fvd = min(fvd_samples, n_samples) if fvd_scorer is not None else 0
     scores = {"psnr": [], "ssim": [], "lpips": []}  # each a list of (B, N, n_future)
-    copy_psnr, pixel_std, pairwise, kept, offset = [], [], [], {}, 0
+    fvd_logits = {form: [] for form in fvd_module.FORMS} if n_fvd else {}  # each a list of (B, N_fvd, 400)
+    copy_psnr, copy_ssim, copy_lpips, pixel_std, pairwise, kept, offset = [], [], [], [], [], {}, 0
     for frames, conds in loader:
         B = frames.shape[0]
         frames = frames[:, :T].to(device)  # (B, T, C, H, W)
@@ -93,7 +101,10 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         if cond_mode == "zero" and conds is not None:
             conds = model.cond_mean.expand_as(conds)  # the embedding sees zeros after standardisation
         gt, given = frames[:, n_past:], frames[:, :n_past]
-        preds, pred_feats, batch_scores = [], [], {k: [] for k in scores}
+        pred_feats, batch_scores = [], {k: [] for k in scores}
+        batch_logits = {form: [] for form in fvd_logits}
+        moments = torch.zeros(2, *gt.shape, dtype=torch.float64, device=device)  # sums of x and x^2 over samples
+        kept_samples = {i - offset: [] for i in keep if offset <= i < offset + B}
         # LPIPS features of every image once: the ground truth's for all samples, each sample's for its
         # distance to the ground truth and to the other samples (SAVP's diversity).
         gt_feats = lpips.feature_maps(gt.flatten(0, 1)) if lpips is not None else None
@@ -109,31 +120,44 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             if lpips is not None:
                 feats = lpips.feature_maps(pred.flatten(0, 1))  # each layer (B * n_future, c, h, w)
                 batch_scores["lpips"].append(lpips.distance_from_features(gt_feats, feats).view(B, n_future).double().cpu())
-                if n_samples > 1:
+                if n_samples > 1 and k < n_div:
                     pred_feats.append([f.view(B, n_future, *f.shape[1:]) for f in feats])
+            if k < n_fvd:
+                for form, clip in fvd_module.clip_forms(given, pred).items():
+                    batch_logits[form].append(torch.from_numpy(fvd_scorer(clip)))  # (B, 400)
             if n_samples > 1:
-                preds.append(pred)
+                moments[0] += pred
+                moments[1] += pred.double() ** 2
+            for j, samples_j in kept_samples.items():
+                samples_j.append(pred[j])
         for key, v in batch_scores.items():
             if v:
                 scores[key].append(torch.stack(v, 1))  # (B, N, n_future)
-        copy_psnr.append(batch_psnr(gt, frames[:, n_past - 1: n_past].expand_as(gt)).cpu())
+        for form, v in batch_logits.items():
+            fvd_logits[form].append(torch.stack(v, 1))  # (B, N_fvd, 400)
+        copy = frames[:, n_past - 1: n_past].expand_as(gt)  # the copy-last-frame baseline
+        cp, cs = batch_metrics(gt, copy, compiled=compile_metrics)
+        copy_psnr.append(cp.cpu())
+        copy_ssim.append(cs.cpu())
+        if lpips is not None:
+            last = [f.unsqueeze(1).expand(-1, n_future, *f.shape[1:]).flatten(0, 1)  # each (B * n_future, c, h, w)
+                    for f in lpips.feature_maps(frames[:, n_past - 1])]
+            copy_lpips.append(lpips.distance_from_features(gt_feats, last).view(B, n_future).double().cpu())
         if n_samples > 1:
-            samples = torch.stack(preds, 1)  # (B, N, n_future, C, H, W)
-            pixel_std.append(samples.std(1).mean(dim=(1, 2, 3, 4)).double().cpu())  # (B,)
+            var = (moments[1] - moments[0] ** 2 / n_samples).clamp_min(0) / (n_samples - 1)  # unbiased, as torch.std
+            pixel_std.append(var.sqrt().mean(dim=(1, 2, 3, 4)).cpu())  # (B,)
             if lpips is not None:
                 pairwise.append(_pairwise_lpips(lpips, pred_feats).cpu())
-        for i in keep:
-            if offset <= i < offset + B:
-                j = i - offset
-                first = preds[0][j] if preds else pred[j]
-                clip = {"gt": frames[j].cpu(), "pred": torch.cat([given[j], first]).cpu()}
-                if n_samples > 1:
-                    clip["samples"] = samples[j].cpu()  # (N, n_future, C, H, W)
-                    recon = fast.predict(model, frames[j: j + 1], None if conds is None else conds[j: j + 1], n_past,
-                                         n_future, sequence_noise([i], steps, model.z_dim, seed, device,
-                                                                  spatial=model.noise_shapes()[1:]), posterior=True)
-                    clip["posterior"] = recon[0].float().clamp(0, 1).cpu()
-                kept[i] = clip
+        for j, samples_j in kept_samples.items():
+            i = offset + j
+            clip = {"gt": frames[j].cpu(), "pred": torch.cat([given[j], samples_j[0]]).cpu()}
+            if n_samples > 1:
+                clip["samples"] = torch.stack(samples_j).cpu()  # (N, n_future, C, H, W)
+                recon = fast.predict(model, frames[j: j + 1], None if conds is None else conds[j: j + 1], n_past,
+                                     n_future, sequence_noise([i], steps, model.z_dim, seed, device,
+                                                              spatial=model.noise_shapes()[1:]), posterior=True)
+                clip["posterior"] = recon[0].float().clamp(0, 1).cpu()
+            kept[i] = clip
         offset += B
     psnr, ssim = torch.cat(scores["psnr"]), torch.cat(scores["ssim"])  # (n, N, n_future)
     assert psnr.shape[0] == len(dataset), "every sequence must be scored exactly once"
@@ -143,10 +167,14 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         "psnr_per_step": graded_psnr.mean(0).tolist(), "ssim_per_step": graded_ssim.mean(0).tolist(),
         "psnr_std": graded_psnr.mean(1).std(unbiased=False).item(), "n_sequences": psnr.shape[0],
         "copy_last_psnr": copy_psnr.mean().item(), "copy_last_psnr_per_step": copy_psnr.mean(0).tolist(),
+        "copy_last_ssim": torch.cat(copy_ssim).mean().item(),
         "per_sequence_psnr": graded_psnr.mean(1).tolist(), "clips": kept,
     }
     if lpips is not None:
         out["lpips"] = torch.cat(scores["lpips"])[:, 0].mean().item()
+        out["copy_last_lpips"] = torch.cat(copy_lpips).mean().item()
+    if n_fvd:
+        out["fvd"] = fvd_module.summarize(fvd_ref, {form: torch.cat(v).numpy() for form, v in fvd_logits.items()})
     if n_samples > 1:
         summary = {"n_samples": n_samples,
                    "psnr": summarize_samples(psnr, higher_is_better=True),
@@ -155,6 +183,7 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         if lpips is not None:
             summary["lpips"] = summarize_samples(torch.cat(scores["lpips"]), higher_is_better=False)
             summary["diversity_lpips"] = torch.cat(pairwise).mean().item()
+            summary["diversity_samples"] = n_div
         out["samples"] = summary
     return out
 

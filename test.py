@@ -4,12 +4,16 @@ optionally over many prior samples per sequence, as the field reports stochastic
     python test.py --model_dir logs/fp/<run>                       # -> test psnr: <value>
     python test.py --model_dir logs/fp/<run> --cond_mode shuffled  # ablation: conditions of other sequences
     python test.py --model_dir logs/fp/<run> --n_samples 20 --lpips  # best/mean/worst of 20, diversity
+    python test.py --model_dir logs/fp/<run> --fvd                 # + FVD (predicted frames; whole clip)
+    python test.py --model_dir logs/fp/<run> --protocol svg        # the SVG/SRVP table: 28 frames, 100 samples
 
 The model is rebuilt from the checkpoint (no architecture flags). Frames 0..n_past-1 are given, the
 next n_future are predicted without teacher forcing with z from the prior; every sequence is scored
 once, in sorted order; the result does not depend on --batch_size or --num_workers. Writes
 <out>/metrics.json, a GIF (ground truth | prediction) and a per-step PNG strip; with --n_samples > 1
 also the sample grid (samples.gif/png) and the per-step best/mean/worst curves (samples_curves.png).
+--protocol svg (into <model_dir>/test_svg) sets 28 predicted frames whatever the model was trained for, 100
+samples, LPIPS and FVD, and prints the table that names the protocol.
 """
 import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
@@ -20,9 +24,15 @@ import time
 
 import checkpoints
 import evaluation
+import fvd
 import plots
 from dataset import DataError, bair_robot_pushing_dataset
 from models import CVAE
+
+
+# The SVG/SRVP BAIR protocol (Denton & Fergus 2018; Franceschi et al. 2020): 2 given frames, the whole 30-frame
+# clip, 100 samples; the pairwise diversity and FVD over the first 10 samples unless asked otherwise.
+SVG_PAST, SVG_FRAMES, SVG_SAMPLES, SVG_SUBSET = 2, 30, 100, 10
 
 
 def get_args_parser():
@@ -38,12 +48,28 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=None, help="seed of the prior samples (default: the run's seed)")
     p.add_argument("--cond_mode", default="real", choices=["real", "shuffled", "zero"],
                    help="ablation: real conditions, conditions of another sequence, or the mean condition")
-    p.add_argument("--n_samples", type=int, default=1,
-                   help="prior samples per sequence; 1 is the graded protocol, more adds best/mean/worst of N "
-                        "(sample 0 stays the graded one)")
+    p.add_argument("--protocol", default="lab", choices=["lab", "svg"],
+                   help="lab: the course's graded protocol (the checkpoint's n_future, 1 sample); svg: the SVG/SRVP "
+                        "BAIR protocol (2 given, 28 predicted, 100 samples, best per metric, 95%% CIs, LPIPS, FVD)")
+    p.add_argument("--n_samples", type=int, default=None,
+                   help="prior samples per sequence (default 1, or 100 with --protocol svg); more than 1 adds "
+                        "best/mean/worst of N (sample 0 stays the graded one)")
     p.add_argument("--lpips", action="store_true",
                    help="also LPIPS (AlexNet, v0.1) of each sample and, with --n_samples > 1, the mean pairwise "
                         "LPIPS between samples (needs: pip install --no-deps -r requirements-lpips.txt)")
+    p.add_argument("--diversity_samples", type=int, default=None,
+                   help="samples whose pairs give the pairwise-LPIPS diversity (default: all, or 10 with --protocol "
+                        "svg: the pairs grow as N^2)")
+    p.add_argument("--fvd", action="store_true",
+                   help="also FVD (I3D logits, Frechet distance) of the predicted frames and of the whole clip, against "
+                        "the split's real clips, and of the copy-last baseline (needs: pip install --no-deps -r "
+                        "requirements-lpips.txt)")
+    p.add_argument("--fvd_samples", type=int, default=None,
+                   help="samples scored by FVD, whose mean and spread are reported (default: all, or 10 with "
+                        "--protocol svg); each costs one I3D pass over the split")
+    p.add_argument("--fvd_batch_size", type=int, default=8, help="clips per I3D call (does not change the result)")
+    p.add_argument("--fvd_amp", default="off", choices=["off", "bf16"],
+                   help="autocast for I3D (docs/results.md measures how much bf16 moves FVD)")
     p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision for inference; auto = bf16 where the device has native bf16, else off")
     p.add_argument("--compile_metrics", action="store_true",
@@ -60,8 +86,18 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     runtime.keep_freed_memory()
-    if args.batch_size < 1 or args.num_workers < 0 or args.n_samples < 1:
-        parser.error("--batch_size and --n_samples must be >= 1 and --num_workers >= 0")
+    svg = args.protocol == "svg"
+    if args.n_samples is None:
+        args.n_samples = SVG_SAMPLES if svg else 1
+    if args.diversity_samples is None:
+        args.diversity_samples = min(args.n_samples, SVG_SUBSET) if svg else args.n_samples
+    if args.fvd_samples is None:
+        args.fvd_samples = min(args.n_samples, SVG_SUBSET) if svg else args.n_samples
+    args.fvd, args.lpips = args.fvd or svg, args.lpips or svg
+    if min(args.batch_size, args.n_samples, args.fvd_batch_size) < 1 or args.num_workers < 0:
+        parser.error("--batch_size, --n_samples and --fvd_batch_size must be >= 1 and --num_workers >= 0")
+    if not 1 <= args.fvd_samples <= args.n_samples or not 1 <= args.diversity_samples <= args.n_samples:
+        parser.error(f"--fvd_samples and --diversity_samples must be in [1, --n_samples {args.n_samples}]")
     try:
         device = runtime.choose_device(args.device)
     except ValueError as e:
@@ -77,6 +113,24 @@ def main(argv=None):
     if args.cond_mode != "real" and not model.cond_dim:
         parser.error(f"--cond_mode {args.cond_mode}: this run was trained without conditions (--cond none), "
                      f"so there is nothing to shuffle or zero")
+    train_args = ckpt["args"]
+    seed = train_args["seed"] if args.seed is None else args.seed
+    n_past, n_future = train_args["n_past"], train_args["n_future"]
+    if svg:
+        if n_past != SVG_PAST:
+            sys.exit(f"error: --protocol svg gives {SVG_PAST} frames, but {path} was trained with --n_past {n_past}")
+        n_future = SVG_FRAMES - SVG_PAST
+    data_args = argparse.Namespace(data_root=args.data_root or train_args["data_root"], n_past=n_past,
+                                   n_future=n_future, n_eval=0, no_cache=args.no_cache,
+                                   cond=train_args.get("cond", "action_pos"), cache_dir=args.cache_dir,
+                                   num_workers=args.num_workers)
+    try:
+        ds = bair_robot_pushing_dataset(data_args, args.split)
+    except DataError as e:
+        sys.exit(f"error: {e}" + (f"  (--protocol svg needs {SVG_FRAMES} frames per sequence)" if svg else ""))
+    if ds[0][0].shape[0] < n_past + n_future:
+        sys.exit(f"error: {args.split} sequences of {data_args.data_root} have {ds[0][0].shape[0]} frames; "
+                 f"{'--protocol svg' if svg else 'this run'} needs {n_past + n_future}")
     lpips = None
     if args.lpips:
         import lpips_torch
@@ -84,28 +138,34 @@ def main(argv=None):
             lpips = lpips_torch.load_lpips(device)
         except ModuleNotFoundError as e:
             sys.exit(f"error: --lpips: {e}")
-    train_args = ckpt["args"]
-    seed = train_args["seed"] if args.seed is None else args.seed
-    data_args = argparse.Namespace(data_root=args.data_root or train_args["data_root"], n_past=train_args["n_past"],
-                                   n_future=train_args["n_future"], n_eval=0, no_cache=args.no_cache,
-                                   cond=train_args.get("cond", "action_pos"), cache_dir=args.cache_dir,
-                                   num_workers=args.num_workers)
-    try:
-        ds = bair_robot_pushing_dataset(data_args, args.split)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    fvd_scorer = None
+    if args.fvd:
+        try:
+            fvd_scorer = fvd.Scorer(device, args.fvd_batch_size, args.fvd_amp)
+        except ModuleNotFoundError as e:
+            sys.exit(f"error: --fvd: {e}")
     if not 0 <= args.gif_index < len(ds):
         parser.error(f"--gif_index {args.gif_index}: the {args.split} split has {len(ds)} sequences")
 
+    if svg and n_future != train_args["n_future"]:
+        print(f"[protocol svg] the model was trained to predict {train_args['n_future']} frames; it is rolled out "
+              f"for {n_future}")
     t0 = time.time()
-    res = evaluation.evaluate(model, ds, data_args.n_past, data_args.n_future, device, args.batch_size,
+    fvd_ref = None
+    if fvd_scorer is not None:  # the real clips' and copy-last's logits: once per split and window, then cached
+        fvd_ref = fvd.reference(ds, n_past, n_future, fvd_scorer, args.cache_dir, args.batch_size, args.num_workers,
+                                cache=not args.no_cache)
+    t_ref = time.time() - t0
+    res = evaluation.evaluate(model, ds, n_past, n_future, device, args.batch_size,
                               args.num_workers, seed, args.amp, args.cond_mode, keep=(args.gif_index,),
-                              compile_metrics=args.compile_metrics, n_samples=args.n_samples, lpips=lpips)
+                              compile_metrics=args.compile_metrics, n_samples=args.n_samples, lpips=lpips,
+                              diversity_samples=args.diversity_samples, fvd_scorer=fvd_scorer, fvd_ref=fvd_ref,
+                              fvd_samples=args.fvd_samples)
     seconds = time.time() - t0
-    out = args.out or os.path.join(args.model_dir, "test" if args.cond_mode == "real" else f"test_{args.cond_mode}")
+    default_out = ("test" if args.cond_mode == "real" else f"test_{args.cond_mode}") + ("_svg" if svg else "")
+    out = args.out or os.path.join(args.model_dir, default_out)
     os.makedirs(out, exist_ok=True)
     clip = res.pop("clips")[args.gif_index]
-    n_past = data_args.n_past
     plots.save_gif(os.path.join(out, f"seq{args.gif_index}.gif"), clip["gt"], clip["pred"], n_past)
     plots.save_strip(os.path.join(out, f"seq{args.gif_index}.png"), clip["gt"], clip["pred"], n_past)
     if args.n_samples > 1:
@@ -114,9 +174,12 @@ def main(argv=None):
     res.pop("per_sequence_psnr")
     metrics = {**res, "checkpoint": os.path.abspath(path), "split": args.split, "seed": seed,
                "cond_mode": args.cond_mode, "data_root": os.path.abspath(data_args.data_root),
-               "epoch": ckpt["epoch"], "step": ckpt["step"], "n_samples": args.n_samples,
-               "seconds": round(seconds, 1)}
+               "epoch": ckpt["epoch"], "step": ckpt["step"], "n_samples": args.n_samples, "protocol": args.protocol,
+               "n_past": n_past, "n_future": n_future, "trained_n_future": train_args["n_future"],
+               "seconds": round(seconds, 1), "fvd_reference_seconds": round(t_ref, 1) if args.fvd else None}
     checkpoints.write_json(os.path.join(out, "metrics.json"), metrics)
+    if svg:
+        print(svg_table(res, args, n_past, n_future, train_args["n_future"]))
     print(f"test psnr: {res['psnr']:.4f}")
     print(f"test ssim: {res['ssim']:.4f} | copy-last-frame psnr: {res['copy_last_psnr']:.4f} | "
           f"{res['n_sequences']} sequences of {args.split} | cond_mode {args.cond_mode} | {seconds:.0f} s")
@@ -127,10 +190,34 @@ def main(argv=None):
                 print(f"{key} over {args.n_samples} samples: best {s[key]['best']:.4f} +- {s[key]['best_ci95']:.4f} | "
                       f"mean {s[key]['mean']:.4f} | worst {s[key]['worst']:.4f}  (95% CI over sequences)")
         print(f"diversity: per-pixel std {s['diversity_pixel_std']:.4f}"
-              + (f" | pairwise LPIPS {s['diversity_lpips']:.4f}" if "diversity_lpips" in s else ""))
+              + (f" | pairwise LPIPS {s['diversity_lpips']:.4f} (first {s['diversity_samples']} samples)"
+                 if "diversity_lpips" in s else ""))
+    for form, f in res.get("fvd", {}).items():
+        frames = n_future if form == "predicted" else n_past + n_future
+        print(f"FVD ({form}: {frames} frames): {f['fvd']:.2f} (sample 0)"
+              + (f" | mean {f['samples_mean']:.2f} +- {f['samples_std']:.2f} (std) over {args.fvd_samples} samples"
+                 if "samples_mean" in f else "") + f" | copy-last {f['copy_last_fvd']:.2f}")
     print(f"wrote {out}/metrics.json, {out}/seq{args.gif_index}.gif, {out}/seq{args.gif_index}.png"
           + (", samples.gif/png, samples_curves.png" if args.n_samples > 1 else ""))
     return metrics
+
+
+def svg_table(res, args, n_past, n_future, trained_n_future):
+    """The SVG/SRVP protocol's table: best, mean and worst of N per metric with 95% CIs, FVD, copy-last."""
+    s, n = res["samples"], res["n_sequences"]
+    lines = [f"SVG/SRVP protocol: {n_past} given, {n_future} predicted, {args.n_samples} prior samples per sequence, "
+             f"best sample chosen per metric, 95% CI over {n} {args.split} sequences"
+             + (f" (trained for {trained_n_future} predicted frames)" if trained_n_future != n_future else ""),
+             f"{'metric':<8}{'best of ' + str(args.n_samples):>22}{'mean':>22}{'worst':>22}{'copy-last':>12}"]
+    for key in ("psnr", "ssim", "lpips"):
+        cells = [f"{s[key][w]:.4f} +- {s[key][w + '_ci95']:.4f}" for w in ("best", "mean", "worst")]
+        lines.append(f"{key.upper():<8}" + "".join(f"{c:>22}" for c in cells) + f"{res['copy_last_' + key]:>12.4f}")
+    for form, f in res["fvd"].items():
+        frames = n_future if form == "predicted" else n_past + n_future
+        spread = (f"mean {f['samples_mean']:.1f} +- {f['samples_std']:.1f} over {len(f['per_sample'])} samples"
+                  if "samples_mean" in f else f"sample 0: {f['fvd']:.1f}")
+        lines.append(f"FVD ({form}, {frames} frames): {spread}; sample 0 {f['fvd']:.1f}; copy-last {f['copy_last_fvd']:.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
