@@ -155,6 +155,7 @@ def run_numbers(rows, tests):
         "train_seconds": train_seconds, "train_min": train_seconds / 60 if timed else nan,
         "best_psnr": samples["psnr"]["best"] if samples else nan,
         "sample_std": samples["diversity_pixel_std"] if samples else nan,
+        **{f"fvd_{form}": real["fvd"][form]["fvd"] if real and "fvd" in real else nan for form in ("predicted", "whole")},
     }
 
 
@@ -203,6 +204,10 @@ FIELDS = [("val_final", "final val PSNR (dB)", 2), ("val_best", "best val PSNR (
 # Shown when a run has test_samples: the best of N prior samples per sequence and metric (test.py
 # --n_samples) and the per-pixel std across the samples (0 when the latent is ignored).
 SAMPLE_FIELDS = [("best_psnr", "best-of-{n} test PSNR (dB)", 2), ("sample_std", "pixel std across samples", 4)]
+# Shown when a run's test has FVD (test.py --fvd, experiments.py --fvd): the graded sample's FVD on the predicted
+# frames and on the whole clip (given + predicted), which papers report interchangeably.
+FVD_FIELDS = [("fvd_predicted", "test FVD, predicted frames", 1), ("fvd_whole", "test FVD, whole clip", 1)]
+OPTIONAL_FIELDS = SAMPLE_FIELDS + FVD_FIELDS
 
 
 def config_notes(cfg, longest):
@@ -249,7 +254,7 @@ def build_table(configs, how):
     table = []
     for i, c in enumerate(configs):
         row = {"label": c["label"], "n_seeds": len(c["runs"]), **{f"flag_{k}": v for k, v in c["flags"].items()}}
-        for key, _, _ in FIELDS + SAMPLE_FIELDS:
+        for key, _, _ in FIELDS + OPTIONAL_FIELDS:
             m, s, n = summary([r[key] for r in c["runs"]], how)
             row[f"{key}_mean"], row[f"{key}_spread"], row[f"{key}_n"] = m, s, n
         if i == 0:
@@ -278,7 +283,7 @@ def markdown(configs, table, how, title, curve_notes, out):
              f"Mean ± {spread}; `(k of n)` = only k of the n seeds have the value. Test = the graded protocol "
              f"(test.py, real conditions); gains are over copying the last given frame and over the same model "
              f"with shuffled conditions. s / iteration = training seconds (metrics.csv) / steps.", ""]
-    fields = FIELDS + [f for f in SAMPLE_FIELDS if any(row[f"{f[0]}_n"] for row in table)]
+    fields = FIELDS + [f for f in OPTIONAL_FIELDS if any(row[f"{f[0]}_n"] for row in table)]
     ns = sorted({r["tests"]["samples"]["n_samples"] for c in configs for r in c["runs"] if "samples" in r["tests"]})
     fields = [(k, h.format(n="/".join(map(str, ns))), d) for k, h, d in fields]
     heads = ["configuration", "seeds"] + [h for _, h, _ in fields] + ["test PSNR vs first config", "missing / notes"]

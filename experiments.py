@@ -10,7 +10,8 @@ test each run, and compare them, in one command.
 Every configuration starts from demo.py's `demo_plain` recipe (the course's model, CPU-sized, 300 iterations) on the
 simulated data (generated into --data_root when absent, as demo.py does), adds the set's flags, then
 the extra flags given here (which win). Each run trains with train_fixed_prior.py, is scored with
-test.py (real and shuffled conditions; with --n_samples N also the best of N prior samples), and the
+test.py (real and shuffled conditions; with --n_samples N also the best of N prior samples; with --fvd also
+FVD), and the
 set ends with compare.py. --jobs N trains N runs at a time, each in its own process. Runs land in
     <log_dir>/<set>/<configuration>/seed<k>/<run name>/
 and the comparison in <log_dir>/<set>/compare.{png,md,csv}.
@@ -113,6 +114,8 @@ def get_args_parser():
     p.add_argument("--n_samples", type=int, default=1,
                    help="also test each run with N prior samples per sequence (test.py --n_samples; best of N "
                         "and the spread across samples join the table); 1: the graded test only")
+    p.add_argument("--fvd", action="store_true",
+                   help="also FVD in each run's real-conditions test (test.py --fvd); the table carries it")
     p.add_argument("--spread", default="halfrange", choices=["halfrange", "std"], help="compare.py's --spread")
     return p
 
@@ -178,19 +181,21 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
     return None
 
 
-def tests_needed(run, n_samples=1):
+def tests_needed(run, n_samples=1, fvd=False):
     """Test modes whose metrics.json is missing or older than the checkpoint it scores; with n_samples > 1
-    also "samples" (test.py --n_samples) when missing, older, or made with another number of samples."""
+    also "samples" (test.py --n_samples) when missing, older, or made with another number of samples; with
+    fvd, "real" when its test has no FVD."""
     best = os.path.join(run, "model.pth")
     need = []
     for mode, sub in {**compare.TESTS, **({"samples": compare.SAMPLES} if n_samples > 1 else {})}.items():
         m = os.path.join(run, sub, "metrics.json")
         if not os.path.isfile(m) or (os.path.isfile(best) and os.path.getmtime(best) > os.path.getmtime(m)):
             need.append(mode)
-        elif mode == "samples":
+        elif mode == "samples" or (mode == "real" and fvd):
             with open(m) as f:
-                if json.load(f).get("n_samples") != n_samples:
-                    need.append(mode)
+                m = json.load(f)
+            if (mode == "samples" and m.get("n_samples") != n_samples) or (mode == "real" and "fvd" not in m):
+                need.append(mode)
     return need
 
 
@@ -217,13 +222,14 @@ def run_job(job):
         if run is None:  # stopped by a signal; last.pth is saved and the next call resumes
             return {"label": job["label"], "seed": job["seed"], "status": "stopped",
                     "line": f"{job['tag']}: stopped; re-run the same command to resume"}
-    need = tests_needed(run, job["n_samples"])
+    need = tests_needed(run, job["n_samples"], job["fvd"])
     for mode in need:
         if mode == "samples":
             test_script.main(["--model_dir", run, "--n_samples", str(job["n_samples"]),
                               "--out", os.path.join(run, compare.SAMPLES)] + job["test_extra"])
         else:
-            test_script.main(["--model_dir", run, "--cond_mode", mode] + job["test_extra"])
+            test_script.main(["--model_dir", run, "--cond_mode", mode] + job["test_extra"]
+                             + (["--fvd"] if mode == "real" and job["fvd"] else []))
     if epoch >= niter and not need and not what:
         what.append("skipped (finished)")
     elif epoch >= niter and need:
@@ -328,7 +334,7 @@ def main(argv=None):
                                                    "--seed", str(seed)] + extra
         jobs.append({"tag": f"[{args.set} {n}/{len(runs)}] {label} seed={seed}", "label": label, "seed": seed,
                      "seed_dir": seed_dir, "argv_train": argv_train, "log_dir": args.log_dir, "set_dir": set_dir,
-                     "test_extra": test_extra, "n_samples": args.n_samples})
+                     "test_extra": test_extra, "n_samples": args.n_samples, "fvd": args.fvd})
 
     if args.jobs == 1:
         done = []

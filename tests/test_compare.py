@@ -50,7 +50,9 @@ def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
                    {"test": {"psnr": 20.0, "ssim": 0.7, "copy_last_psnr": 15.0},
                     "test_shuffled": {"psnr": 16.0, "ssim": 0.5, "copy_last_psnr": 15.0}})
     a2 = _fake_run(tmp_path / "a2", {**ARGS, "seed": 2, "num_workers": 4}, _rows(3, 10, [17.0, 19.5, 19.2], 4.0),
-                   {"test": {"psnr": 21.0, "ssim": 0.8, "copy_last_psnr": 15.0}})
+                   {"test": {"psnr": 21.0, "ssim": 0.8, "copy_last_psnr": 15.0,
+                             "fvd": {"predicted": {"fvd": 120.5, "copy_last_fvd": 900.0},
+                                     "whole": {"fvd": 80.25, "copy_last_fvd": 700.0}}}})
     # Configuration B: started with lr 0.002 and niter 2, resumed with overrides; then a shorter seed.
     b1 = _fake_run(tmp_path / "b1", {**ARGS, "lr": 0.002, "niter": 2}, _rows(3, 10, [10.0, 11.0, 12.0]),
                    {"test": {"psnr": 23.0, "ssim": 0.9, "copy_last_psnr": 15.0}},
@@ -70,6 +72,7 @@ def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
     assert ta["test_psnr_mean"] == pytest.approx(20.5) and ta["test_psnr_spread"] == pytest.approx(0.5)
     assert ta["gain_copy_last_mean"] == pytest.approx(5.5)
     assert ta["gain_shuffled_mean"] == pytest.approx(4.0) and ta["gain_shuffled_n"] == 1
+    assert ta["fvd_predicted_mean"] == 120.5 and ta["fvd_whole_mean"] == 80.25 and ta["fvd_whole_n"] == 1
     assert ta["sec_per_iter_mean"] == pytest.approx((6 / 30 + 12 / 30) / 2)
     assert tb["sec_per_iter_mean"] == pytest.approx((6 / 30 + 4 / 10) / 2)
     assert ta["train_min_mean"] == pytest.approx((6 + 12) / 2 / 60)  # the epochs' training seconds summed
@@ -79,6 +82,7 @@ def test_fabricated_runs_table_notes_and_errors(tmp_path, capsys):
     assert "seed 2: shorter run (10 of 30 steps)" in tb["notes"]
     md = open(tmp_path / "out" / "compare.md").read()
     assert "half the range" in md and "`lr=0.01`" in md and "+2.70 dB (larger than the seed spread)" in md
+    assert "test FVD, predicted frames" in md and "120.5 (1 of 2)" in md
     assert "interpolated" in md  # B's seeds logged different steps
     assert "| `lr=0.002` | 2 |" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "out" / "compare.csv")))
@@ -276,3 +280,11 @@ def test_experiment_set_in_parallel(sim_root, tmp_path, capsys):
     assert "best-of-3 test PSNR (dB)" in open(tmp_path / "exp" / "lr" / "compare.md").read()
     res2 = experiments.main(argv)
     assert [d["status"] for d in res2["runs"]] == ["skipped (finished)"] * 2
+
+
+def test_experiments_fvd_retests_runs_whose_test_lacks_it(tmp_path):
+    run = _fake_run(tmp_path / "r", ARGS, _rows(1, 10, [18.0]),
+                    {"test": {"psnr": 20.0}, "test_shuffled": {"psnr": 19.0}})
+    assert experiments.tests_needed(run) == [] and experiments.tests_needed(run, fvd=True) == ["real"]
+    json.dump({"psnr": 20.0, "fvd": {}}, open(os.path.join(run, "test", "metrics.json"), "w"))
+    assert experiments.tests_needed(run, fvd=True) == []
