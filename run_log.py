@@ -11,7 +11,7 @@ import plots
 
 METRIC_FIELDS = ["epoch", "step", "loss", "mse", "kld", "beta", "tfr", "lr", "val_psnr", "seconds",
                  "val_kld", "active_dims", "val_kld_per_step", "kld_levels", "val_kld_levels", "val_kld_per_dim",
-                 "val_psnr_trained"]
+                 "val_psnr_trained", "val_fvd_predicted", "val_fvd_whole"]
 
 
 def run_name(args):
@@ -104,6 +104,8 @@ class RunLog:
             if val.get("psnr_trained") is not None:  # --ema: the line above is the average's
                 line += "\n(the trained weights, without the average: %.5f)" % val["psnr_trained"]
             self.scalars(row["step"], "val", {k: val[k] for k in ("psnr", "ssim", "kld", "active_dims")})
+            for form, f in val.get("fvd", {}).items():  # --fvd_every
+                self.writer.add_scalar(f"val/fvd_{form}", f["fvd"], row["step"])
             for t, v in enumerate(val["kld_per_step"], 1):
                 self.writer.add_scalar(f"val_kld_per_step/t{t:02d}", v, row["step"])
             for i, v in enumerate(val.get("kld_levels", ()), 1):  # each latent level's KL, global z first

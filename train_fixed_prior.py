@@ -13,6 +13,7 @@ import runtime  # noqa: F401  (first: sets the OpenMP wait policy before torch l
 
 import argparse
 import copy
+import functools
 import math
 import os
 import random
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 import checkpoints
 import evaluation
+import fvd
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
 from kl_annealing import ema_decay, kl_weight_from_args, learning_rate_from_args, teacher_forcing_ratio_from_args
 from models import ARCH_KEYS, COND_CONVS, CVAE, MOTIONS, PRIORS, fast
@@ -108,6 +110,9 @@ def get_args_parser():
     g("--skip_bad_sequences", action="store_true", help="list unreadable sequences once and train on the rest")
     g("--eval_every", type=int, default=5, help="validate on the whole validation split every N epochs")
     g("--plot_every", type=int, default=20, help="write a validation GIF and strip every N epochs")
+    g("--fvd_every", type=int, default=0,
+      help="also FVD (fvd.py: predicted frames and whole clip) of the validation split every N epochs, logged to "
+           "metrics.csv and TensorBoard; 0: off (each costs an I3D pass; needs requirements-lpips.txt)")
     g("--eval_batch_size", type=int, default=32, help="batch size of validation (does not change the scores)")
     g("--save_every", type=int, default=0, help="also save last.pth every N iterations (0: only every epoch)")
     g("--max_bad_steps", type=int, default=20, help="stop after this many consecutive non-finite steps")
@@ -143,6 +148,8 @@ def check_args(args, parser):
             e(f"--{name} {getattr(args, name)}: must be a positive integer")
     if args.batch_size < 2:
         e(f"--batch_size {args.batch_size}: BatchNorm needs at least 2 sequences per batch in training")
+    if args.fvd_every < 0:
+        e(f"--fvd_every {args.fvd_every}: must be >= 0 (0: off)")
     if not args.lr > 0 or not math.isfinite(args.lr):
         e(f"--lr {args.lr}: must be a positive number")
     if not 0 <= args.ema < 1:
@@ -379,8 +386,13 @@ def validate(model, val_ds, args, device, epoch, trained=None):
     last = epoch + 1 == args.niter
     val = clip = None
     if (epoch + 1) % args.eval_every == 0 or last:
+        fvd_args = {}
+        if args.fvd_every and ((epoch + 1) % args.fvd_every == 0 or last):
+            scorer = fvd_scorer(device)
+            fvd_args = dict(fvd_scorer=scorer, fvd_ref=fvd.reference(val_ds, args.n_past, args.n_future, scorer,
+                                                                     args.cache_dir, args.eval_batch_size))
         val = evaluation.evaluate(model, val_ds, args.n_past, args.n_future, device, args.eval_batch_size, 0,
-                                  args.seed, args.amp, compile_metrics=args.compile)
+                                  args.seed, args.amp, compile_metrics=args.compile, **fvd_args)
         val.update(evaluation.latent_stats(model, val_ds, args.n_past, args.n_future, device, args.eval_batch_size))
         if trained is not None:
             val["psnr_trained"] = evaluation.evaluate(trained, val_ds, args.n_past, args.n_future, device,
@@ -389,6 +401,12 @@ def validate(model, val_ds, args, device, epoch, trained=None):
         clip = evaluation.evaluate(model, Subset(val_ds, [0]), args.n_past, args.n_future, device, 1, 0,
                                    args.seed, args.amp, keep=(0,))["clips"][0]
     return val, clip
+
+
+@functools.cache
+def fvd_scorer(device):
+    """The I3D network for --fvd_every, loaded at the first FVD validation and kept."""
+    return fvd.Scorer(device)
 
 
 def epoch_row(run, args, optimizer, val):
@@ -402,6 +420,8 @@ def epoch_row(run, args, optimizer, val):
         row.update(val_psnr=val["psnr"], val_psnr_trained=val.get("psnr_trained"), val_kld=val["kld"], active_dims=val["active_dims"],
                    val_kld_per_step=val["kld_per_step"], val_kld_levels=val["kld_levels"],
                    val_kld_per_dim=val["kld_per_dim"])
+        if "fvd" in val:
+            row.update({f"val_fvd_{form}": f["fvd"] for form, f in val["fvd"].items()})
     return row
 
 
@@ -413,6 +433,11 @@ def main(argv=None):
     world, rank, local_rank = setup_distributed()
     main_proc = rank == 0
     device = runtime.choose_device("cuda" if args.cuda else args.device, local_rank)
+    if args.fvd_every and main_proc:
+        try:
+            fvd_scorer(device)  # fails now, not at the first FVD validation
+        except ModuleNotFoundError as e:
+            parser.error(f"--fvd_every: {e}")
     if args.amp == "auto":
         args.amp = runtime.resolve_amp("auto", device)  # saved resolved, so a resume keeps the choice
         if main_proc:

@@ -179,3 +179,17 @@ def test_svg_protocol_refusals(sim_copy, tmp_path, capsys):
     with pytest.raises(SystemExit):
         test_script.main(["--model_dir", run2, "--fvd_samples", "2"])
     assert "--fvd_samples and --diversity_samples must be in [1, --n_samples 1]" in capsys.readouterr().err
+
+
+@needs_i3d
+@pytest.mark.slow
+def test_fvd_every_logs_validation_fvd(sim_root, tmp_path):
+    import train_fixed_prior as train
+    from conftest import TINY
+    from run_log import read_metrics
+    run = train.main(["--data_root", sim_root, "--log_dir", str(tmp_path), "--cache_dir", str(tmp_path / "c"), *TINY,
+                      "--niter", "2", "--epoch_size", "1", "--eval_every", "1", "--fvd_every", "2"])
+    rows = read_metrics(os.path.join(run, "metrics.csv"))
+    assert np.isnan(rows[0]["val_fvd_predicted"]) and rows[0]["val_psnr"] > 0  # validated, no FVD at epoch 1
+    assert rows[1]["val_fvd_predicted"] > 0 and rows[1]["val_fvd_whole"] > 0
+    assert any(f.startswith("fvd-validate-") for f in os.listdir(tmp_path / "c"))  # the real clips' cache
