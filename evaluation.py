@@ -69,7 +69,7 @@ def cond_ablation(dataset, mode, seed):
 @torch.no_grad()
 def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_workers=0, seed=1, amp="off",
              cond_mode="real", keep=(), compile_metrics=False, n_samples=1, lpips=None, diversity_samples=0,
-             fvd_scorer=None, fvd_ref=None, fvd_samples=1):
+             fvd_scorer=None, fvd_ref=None, fvd_samples=1, sample_rows=256):
     """Score `model` on every sequence of `dataset`, each exactly once, in order (see the module docstring).
 
     keep: sequence indices whose clips are returned for pictures: (gt, given + predicted frames) and, with
@@ -81,6 +81,8 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         pairs grow as N^2 and their features are held for a whole batch).
     fvd_scorer, fvd_ref: an fvd.Scorer and the split's fvd.reference: FVD of the first `fvd_samples`
         samples against the real clips, for the predicted frames and for the whole clip (fvd.summarize).
+    sample_rows: with n_samples > 1, about this many rows (samples x sequences) per rollout call; it does
+        not change the result.
     BatchNorm runs in eval mode, folded into the layers before it (models.fast.inference_copy: `model`
     itself is not touched).
     """
@@ -108,12 +110,8 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         # LPIPS features of every image once: the ground truth's for all samples, each sample's for its
         # distance to the ground truth and to the other samples (SAVP's diversity).
         gt_feats = lpips.feature_maps(gt.flatten(0, 1)) if lpips is not None else None
-        for k in range(n_samples):
-            noise = sequence_noise(range(offset, offset + B), steps, model.z_dim, seed, device, sample=k,
-                                   spatial=model.noise_shapes()[1:])
-            with autocast(device, amp):
-                pred = fast.predict(model, given, conds, n_past, n_future, noise)
-            pred = pred.float().clamp(0, 1)  # (B, n_future, C, H, W): frames n_past..T-1
+        for k, pred in _sample_rollouts(model, given, conds, n_past, n_future, offset, seed, n_samples, amp,
+                                        sample_rows):
             p, s = batch_metrics(gt, pred, compiled=compile_metrics)  # each (B, n_future)
             batch_scores["psnr"].append(p.cpu())
             batch_scores["ssim"].append(s.cpu())
@@ -186,6 +184,28 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             summary["diversity_samples"] = n_div
         out["samples"] = summary
     return out
+
+
+def _sample_rollouts(model, given, conds, n_past, n_future, offset, seed, n_samples, amp, rows):
+    """Yield (k, prediction of sample k) for k = 0..n_samples-1, each (B, n_future, C, H, W) float32 in [0, 1].
+
+    Several samples go through one rollout, stacked along the batch (about `rows` rows per call): a small
+    model is bound by the per-call overhead, not the arithmetic, and the batch composition does not change
+    a prediction (BatchNorm is folded, each row's noise is its own), so the result is the same."""
+    B = given.shape[0]
+    steps, spatial = n_past + n_future - 1, model.noise_shapes()[1:]
+    per_call = max(1, min(n_samples, rows // B))
+    for k0 in range(0, n_samples, per_call):
+        ks = range(k0, min(k0 + per_call, n_samples))
+        noises = [sequence_noise(range(offset, offset + B), steps, model.z_dim, seed, given.device, sample=k,
+                                 spatial=spatial) for k in ks]
+        noise = [torch.cat(level) for level in zip(*noises)] if spatial else torch.cat(noises)  # (S * B, steps, ...)
+        reps = (len(ks),) + (1,) * (given.dim() - 1)
+        with autocast(given.device, amp):
+            pred = fast.predict(model, given.repeat(reps), None if conds is None else conds.repeat(len(ks), 1, 1),
+                                n_past, n_future, noise)
+        for k, p in zip(ks, pred.float().clamp(0, 1).split(B)):  # (B, n_future, C, H, W) each
+            yield k, p
 
 
 def summarize_samples(values, higher_is_better=True):

@@ -62,7 +62,9 @@ def test_sampled_scores_do_not_depend_on_the_batch(sim_root, tmp_path, kw):
     x, c = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     model(x[:, :6], c[:, :6], 2, batched=True)  # BatchNorm statistics that make samples differ visibly
     cpu = torch.device("cpu")
-    runs = [evaluation.evaluate(model, ds, 2, 4, cpu, batch_size=bs, n_samples=3, keep=(1,)) for bs in (1, 3)]
+    # Batch sizes 1 and 3, and the samples one per rollout (sample_rows=1) or stacked three to a rollout.
+    runs = [evaluation.evaluate(model, ds, 2, 4, cpu, batch_size=bs, n_samples=3, keep=(1,), sample_rows=rows)
+            for bs, rows in ((1, 256), (3, 1), (3, 256))]
     one = evaluation.evaluate(model, ds, 2, 4, cpu, batch_size=2)
     for r in runs:
         assert r["psnr"] == pytest.approx(one["psnr"], abs=1e-6)  # sample 0 is the graded prediction
@@ -71,7 +73,9 @@ def test_sampled_scores_do_not_depend_on_the_batch(sim_root, tmp_path, kw):
         assert r["samples"]["diversity_pixel_std"] > 0
         clip = r["clips"][1]
         assert clip["samples"].shape == (3, 4, 3, 64, 64) and clip["posterior"].shape == (4, 3, 64, 64)
-    torch.testing.assert_close(runs[0]["clips"][1]["samples"], runs[1]["clips"][1]["samples"], atol=1e-6, rtol=0)
+    for r in runs[1:]:
+        torch.testing.assert_close(runs[0]["clips"][1]["samples"], r["clips"][1]["samples"], atol=1e-6, rtol=0)
+        assert r["samples"]["diversity_pixel_std"] == pytest.approx(runs[0]["samples"]["diversity_pixel_std"], abs=1e-7)
     s = runs[0]["samples"]["psnr"]
     assert s["best"] >= s["mean"] >= s["worst"]
 
