@@ -238,6 +238,13 @@ class bair_robot_pushing_dataset(Dataset):
     def __len__(self):
         return len(self.seqs)
 
+    def head(self, n):
+        """Keep the first n sequences in sorted order (a cheaper, reproducible evaluation subset)."""
+        self.seqs = self.seqs[:n]
+        if self.conds is not None:
+            self.rows = self.rows[:n]
+        return self
+
     def _raw(self, index):
         if self.conds is None:
             return load_sequence(self.seqs[index], self.cond_files)

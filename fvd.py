@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ import checkpoints
 RESOLUTION = 224  # the I3D network's input size
 FORMS = ("predicted", "whole")  # which frames make a clip: the predicted ones, or given + predicted
 CACHE_VERSION = 1
+# I3D's activation layouts: NCDHW, or NDHWC (channels-last), which oneDNN's 3-D convolutions run faster on
+# some CPUs; Scorer(memory_format="auto") measures which.
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
 
 
 def resize_matrix(n_in, n_out):
@@ -59,13 +63,39 @@ class Scorer:
     """I3D logits of clips: `scorer(clips)` with clips (B, T, C, H, W) in [0, 1] -> (B, 400) float64 on the CPU.
 
     batch_size: clips per I3D call (memory: about 0.45 GB of activations per 10-frame clip). amp: "off" or
-    "bf16" (autocast; docs/results.md measures how much it moves FVD). The logits of a clip do not depend on
-    the batch it is computed in (tests/test_fvd.py)."""
+    "bf16" (autocast; docs/fvd.md measures how much it moves FVD). memory_format: "contiguous",
+    "channels_last" (NDHWC, the layout oneDNN's 3-D convolutions prefer) or "auto": whichever computes one
+    clip faster on this device, measured once (a few seconds). The logits of a clip do not depend on the batch
+    it is computed in nor, beyond float rounding, on the layout (tests/test_fvd.py)."""
 
-    def __init__(self, device, batch_size=8, amp="off"):
+    def __init__(self, device, batch_size=8, amp="off", memory_format="auto"):
         import i3d_torch
         self.net = i3d_torch.load_i3d(device)
-        self.device, self.batch_size, self.amp = device, batch_size, amp
+        self.device, self.batch_size, self.amp = torch.device(device), batch_size, amp
+        self.min_frames = i3d_torch.MIN_FRAMES
+        if memory_format == "auto":
+            memory_format, self.layout_seconds = self._fastest_layout()
+            print(f"[fvd] I3D layout: {memory_format} (one clip: " +
+                  ", ".join(f"{k} {v:.2f} s" for k, v in self.layout_seconds.items()) + ")")
+        if memory_format not in LAYOUTS:
+            raise ValueError(f"memory_format: one of {sorted(LAYOUTS)} or auto, not {memory_format!r}")
+        self.memory_format = memory_format
+        self.net.to(memory_format=LAYOUTS[memory_format])
+
+    @torch.no_grad()
+    def _fastest_layout(self):
+        x = torch.zeros(1, self.min_frames, 3, RESOLUTION, RESOLUTION, device=self.device)
+        seconds = {}
+        for name, fmt in LAYOUTS.items():
+            self.net.to(memory_format=fmt)
+            for _ in range(2):  # the first call also pays oneDNN's one-off primitive creation
+                t0 = time.perf_counter()
+                with runtime.autocast(self.device, self.amp):
+                    self.net(x)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name] = time.perf_counter() - t0
+        return min(seconds, key=seconds.get), seconds
 
     @torch.no_grad()
     def __call__(self, clips):
@@ -192,6 +222,8 @@ def get_args_parser():
     p.add_argument("--n_future", type=int, default=10, help="predicted frames")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--batch_size", type=int, default=8, help="clips per I3D call (does not change the result)")
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS],
+                   help="I3D activation layout; auto: the faster of the two on this device, measured once")
     p.add_argument("--cache_dir", default="", help="where caches live (default: <data_root>/.cache)")
     return p
 
@@ -201,7 +233,7 @@ def main(argv=None):
     from dataset import DataError, bair_robot_pushing_dataset
     device = runtime.choose_device(args.device)
     try:
-        scorer = Scorer(device, args.batch_size)
+        scorer = Scorer(device, args.batch_size, memory_format=args.layout)
     except ModuleNotFoundError as e:
         sys.exit(f"error: {e}")
     data_args = argparse.Namespace(data_root=args.data_root, n_past=args.n_past, n_future=args.n_future, n_eval=0,

@@ -69,13 +69,18 @@ def get_args_parser():
                         "--protocol svg); each costs one I3D pass over the split")
     p.add_argument("--fvd_batch_size", type=int, default=8, help="clips per I3D call (does not change the result)")
     p.add_argument("--fvd_amp", default="off", choices=["off", "bf16"],
-                   help="autocast for I3D (docs/results.md measures how much bf16 moves FVD)")
+                   help="autocast for I3D (docs/fvd.md measures how much bf16 moves FVD)")
+    p.add_argument("--fvd_layout", default="auto", choices=["auto", *fvd.LAYOUTS],
+                   help="I3D activation layout; auto: the faster of the two on this device, measured once")
     p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision for inference; auto = bf16 where the device has native bf16, else off")
     p.add_argument("--compile_metrics", action="store_true",
                    help="score with torch.compile'd PSNR/SSIM: 3-4x faster metrics after 5-10 s of "
                         "compilation (needs a C++ compiler), so it pays off from a few thousand sequences")
     p.add_argument("--out", default="", help="output directory (default: <model_dir>/test, or test_<cond_mode>)")
+    p.add_argument("--max_sequences", type=int, default=0,
+                   help="score only the first N sequences of the split in sorted order (0: all); a cheaper "
+                        "--protocol svg, reported with the number of sequences it used")
     p.add_argument("--gif_index", type=int, default=0, help="sequence index shown in the GIF and the strip")
     p.add_argument("--no_cache", action="store_true", help="decode PNGs instead of the decoded cache")
     p.add_argument("--cache_dir", default="", help="where decoded caches live (default: <data_root>/.cache)")
@@ -94,8 +99,9 @@ def main(argv=None):
     if args.fvd_samples is None:
         args.fvd_samples = min(args.n_samples, SVG_SUBSET) if svg else args.n_samples
     args.fvd, args.lpips = args.fvd or svg, args.lpips or svg
-    if min(args.batch_size, args.n_samples, args.fvd_batch_size) < 1 or args.num_workers < 0:
-        parser.error("--batch_size, --n_samples and --fvd_batch_size must be >= 1 and --num_workers >= 0")
+    if min(args.batch_size, args.n_samples, args.fvd_batch_size) < 1 or min(args.num_workers, args.max_sequences) < 0:
+        parser.error("--batch_size, --n_samples and --fvd_batch_size must be >= 1, --num_workers and "
+                     "--max_sequences >= 0")
     if not 1 <= args.fvd_samples <= args.n_samples or not 1 <= args.diversity_samples <= args.n_samples:
         parser.error(f"--fvd_samples and --diversity_samples must be in [1, --n_samples {args.n_samples}]")
     try:
@@ -128,6 +134,8 @@ def main(argv=None):
         ds = bair_robot_pushing_dataset(data_args, args.split)
     except DataError as e:
         sys.exit(f"error: {e}" + (f"  (--protocol svg needs {SVG_FRAMES} frames per sequence)" if svg else ""))
+    if args.max_sequences:
+        ds.head(args.max_sequences)
     if ds[0][0].shape[0] < n_past + n_future:
         sys.exit(f"error: {args.split} sequences of {data_args.data_root} have {ds[0][0].shape[0]} frames; "
                  f"{'--protocol svg' if svg else 'this run'} needs {n_past + n_future}")
@@ -141,7 +149,7 @@ def main(argv=None):
     fvd_scorer = None
     if args.fvd:
         try:
-            fvd_scorer = fvd.Scorer(device, args.fvd_batch_size, args.fvd_amp)
+            fvd_scorer = fvd.Scorer(device, args.fvd_batch_size, args.fvd_amp, args.fvd_layout)
         except ModuleNotFoundError as e:
             sys.exit(f"error: --fvd: {e}")
     if not 0 <= args.gif_index < len(ds):
@@ -176,7 +184,8 @@ def main(argv=None):
                "cond_mode": args.cond_mode, "data_root": os.path.abspath(data_args.data_root),
                "epoch": ckpt["epoch"], "step": ckpt["step"], "n_samples": args.n_samples, "protocol": args.protocol,
                "n_past": n_past, "n_future": n_future, "trained_n_future": train_args["n_future"],
-               "seconds": round(seconds, 1), "fvd_reference_seconds": round(t_ref, 1) if args.fvd else None}
+               "seconds": round(seconds, 1), "fvd_reference_seconds": round(t_ref, 1) if args.fvd else None,
+               "fvd_layout": fvd_scorer.memory_format if fvd_scorer else None}
     checkpoints.write_json(os.path.join(out, "metrics.json"), metrics)
     if svg:
         print(svg_table(res, args, n_past, n_future, train_args["n_future"]))

@@ -140,17 +140,19 @@ def test_test_script_fvd_and_svg_protocol(tiny_run, tmp_path, capsys):
     import test as test_script
     run, cache = tiny_run
     m = test_script.main(["--model_dir", run, "--fvd", "--n_samples", "2", "--cache_dir", cache, "--out", str(tmp_path / "lab")])
-    assert m["protocol"] == "lab" and m["n_future"] == 10
+    assert m["protocol"] == "lab" and m["n_future"] == 10 and m["fvd_layout"] in fvd.LAYOUTS
     for form in fvd.FORMS:
         f = m["fvd"][form]
         assert f["fvd"] > 0 and f["copy_last_fvd"] > 0 and len(f["per_sample"]) == 2
     assert "FVD (predicted: 10 frames)" in capsys.readouterr().out
     m = test_script.main(["--model_dir", run, "--protocol", "svg", "--n_samples", "3", "--fvd_samples", "1",
-                          "--diversity_samples", "2", "--cache_dir", cache, "--out", str(tmp_path / "svg")])
+                          "--diversity_samples", "2", "--max_sequences", "3", "--fvd_layout", "channels_last",
+                          "--cache_dir", cache, "--out", str(tmp_path / "svg")])
     out = capsys.readouterr().out
     assert "SVG/SRVP protocol: 2 given, 28 predicted, 3 prior samples" in out
     assert "trained to predict 10 frames; it is rolled out for 28" in out
     assert m["n_future"] == 28 and m["trained_n_future"] == 10 and m["samples"]["n_samples"] == 3
+    assert m["n_sequences"] == 3 and m["fvd_layout"] == "channels_last" and "over 3 test sequences" in out
     s = m["samples"]
     assert len(s["psnr"]["best_per_step"]) == 28 and s["diversity_samples"] == 2
     assert s["lpips"]["best"] <= s["lpips"]["mean"] <= s["lpips"]["worst"]

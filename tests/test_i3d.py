@@ -26,13 +26,15 @@ def relative_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.parametrize("layout", sorted(fvd.LAYOUTS))
 @pytest.mark.parametrize("length", [10, 13])
-def test_matches_jax_reference(net, length):
+def test_matches_jax_reference(net, length, layout):
+    """Both activation layouts fvd.Scorer may pick compute the JAX network's logits."""
     with np.load(FIXTURE) as f:
         clips, ref_logits, ref_features = f[f"clips{length}"], f[f"logits{length}"], f[f"features{length}"]
     frames = torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255  # (B, T, H, W, C) -> (B, T, C, H, W)
     with torch.no_grad():
-        logits, features = net(fvd.preprocess(frames))
+        logits, features = net.to(memory_format=fvd.LAYOUTS[layout])(fvd.preprocess(frames))
     assert logits.shape == (len(clips), 400) and features.shape == (len(clips), 1024)
     assert relative_error(logits.numpy(), ref_logits) <= 1e-4
     assert relative_error(features.numpy(), ref_features) <= 1e-4
