@@ -167,34 +167,37 @@ def _cache_file(dataset, n_past, n_future, cache_dir):
 
 
 @torch.no_grad()
-def reference(dataset, n_past, n_future, scorer, cache_dir="", batch_size=32, num_workers=0, cache=True):
+def reference(dataset, n_past, n_future, scorer, cache_dir="", batch_size=32, num_workers=0, cache=True,
+              who=("real", "copy_last")):
     """The I3D logits of a split's real clips and of the copy-last-frame baseline, each (n, 400), for both
-    clip forms: keys 'real_predicted', 'real_whole', 'copy_last_predicted', 'copy_last_whole'. Frames
-    0..n_past-1 are the given ones, n_past..n_past+n_future-1 the predicted ones; the copy-last clip
-    repeats frame n_past-1. Cached in <cache_dir or data_root/.cache>/fvd-<split>-<key>.npz, keyed by the
-    split's file fingerprint (as the decoded cache) and the window."""
+    clip forms: keys 'real_predicted', 'real_whole', 'copy_last_predicted', 'copy_last_whole' (those of
+    `who` only). Frames 0..n_past-1 are the given ones, n_past..n_past+n_future-1 the predicted ones; the
+    copy-last clip repeats frame n_past-1. Cached in <cache_dir or data_root/.cache>/fvd-<split>-<key>.npz,
+    keyed by the split's file fingerprint (as the decoded cache) and the window; a later call computes only
+    the keys the cache lacks."""
     path = _cache_file(dataset, n_past, n_future, cache_dir) if cache else None
+    ref = {}
     if path and os.path.isfile(path):
         with np.load(path) as f:
-            ref = {k: f[k] for k in f.files}
-        if all(v.shape[0] == len(dataset) for v in ref.values()):
-            return ref
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                                         num_workers=num_workers)
-    T = n_past + n_future
-    parts = {f"{who}_{form}": [] for who in ("real", "copy_last") for form in FORMS}
-    for frames, _ in loader:
-        frames = frames[:, :T]  # (B, T, C, H, W)
-        given = frames[:, :n_past]
-        copy = frames[:, n_past - 1: n_past].expand(-1, n_future, -1, -1, -1)
-        for who, pred in (("real", frames[:, n_past:]), ("copy_last", copy)):
-            for form, clip in clip_forms(given, pred).items():
-                parts[f"{who}_{form}"].append(scorer(clip))
-    ref = {k: np.concatenate(v) for k, v in parts.items()}
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        checkpoints.atomic_write(path, lambda f: np.savez(f, **ref))
-    return ref
+            ref = {k: f[k] for k in f.files if f[k].shape[0] == len(dataset)}
+    todo = [w for w in who if any(f"{w}_{form}" not in ref for form in FORMS)]
+    if todo:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                                             num_workers=num_workers)
+        T = n_past + n_future
+        parts = {f"{w}_{form}": [] for w in todo for form in FORMS}
+        for frames, _ in loader:
+            frames = frames[:, :T]  # (B, T, C, H, W)
+            given = frames[:, :n_past]
+            clips = {"real": frames[:, n_past:], "copy_last": frames[:, n_past - 1: n_past].expand(-1, n_future, -1, -1, -1)}
+            for w in todo:
+                for form, clip in clip_forms(given, clips[w]).items():
+                    parts[f"{w}_{form}"].append(scorer(clip))
+        ref.update({k: np.concatenate(v) for k, v in parts.items()})
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            checkpoints.atomic_write(path, lambda f: np.savez(f, **ref))
+    return {f"{w}_{form}": ref[f"{w}_{form}"] for w in who for form in FORMS}
 
 
 def summarize(ref, logits):
@@ -244,7 +247,7 @@ def main(argv=None):
             ds = bair_robot_pushing_dataset(data_args, split)
         except DataError as e:
             sys.exit(f"error: {e}")
-        refs.append(reference(ds, args.n_past, args.n_future, scorer, args.cache_dir))
+        refs.append(reference(ds, args.n_past, args.n_future, scorer, args.cache_dir, who=("real",)))
     out = {}
     for form in FORMS:
         out[form] = fvd(refs[0][f"real_{form}"], refs[1][f"real_{form}"])

@@ -92,9 +92,13 @@ def test_fvd_does_not_depend_on_batch_size_or_workers(sim_root, tmp_path):
     model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
     model.set_cond_stats(*ds.cond_stats())
     scorer = ToyScorer()
-    ref = fvd.reference(ds, 2, 10, scorer, str(tmp_path), batch_size=2)
+    real = fvd.reference(ds, 2, 10, scorer, str(tmp_path), batch_size=2, who=("real",))
+    assert sorted(real) == ["real_predicted", "real_whole"]
+    calls = scorer.calls
+    ref = fvd.reference(ds, 2, 10, scorer, str(tmp_path), batch_size=2)  # adds the baseline's keys alone
     assert sorted(ref) == ["copy_last_predicted", "copy_last_whole", "real_predicted", "real_whole"]
-    assert all(v.shape == (len(ds), 400) for v in ref.values())
+    assert all(v.shape == (len(ds), 400) for v in ref.values()) and scorer.calls == 2 * calls
+    assert all(np.array_equal(ref[k], real[k]) for k in real)
     calls = scorer.calls
     again = fvd.reference(ds, 2, 10, scorer, str(tmp_path), batch_size=3)  # from the cache, no I3D pass
     assert scorer.calls == calls and all(np.array_equal(ref[k], again[k]) for k in ref)
