@@ -127,6 +127,10 @@ def get_args_parser():
     g("--rollout", default="batched", choices=["batched", "per_step"],
       help="under teacher forcing, models.fast.forward_batched (batched) or the plain CVAE.forward (per_step)")
     g("--compile", action="store_true", help="torch.compile the clip encoder and decoder for training, and the validation metrics")
+    g("--sync_every", type=int, default=0,
+      help="read the loss and the non-finite-step count on the host every N iterations (logging, skipped-step "
+           "report, --max_bad_steps; the skipping itself happens on the device every step); 0: every iteration "
+           "on a CPU, where it costs nothing, every 10 on a GPU")
     return p
 
 
@@ -148,6 +152,8 @@ def check_args(args, parser):
             e(f"--{name} {getattr(args, name)}: must be a positive integer")
     if args.batch_size < 2:
         e(f"--batch_size {args.batch_size}: BatchNorm needs at least 2 sequences per batch in training")
+    if args.sync_every < 0:
+        e(f"--sync_every {args.sync_every}: must be >= 0 (0: automatic)")
     if args.fvd_every < 0:
         e(f"--fvd_every {args.fvd_every}: must be >= 0 (0: off)")
     if not args.lr > 0 or not math.isfinite(args.lr):
@@ -285,15 +291,38 @@ def load_data(args, world, main_proc):
     return train_ds, val_ds
 
 
-def update_ema(ema, model, decay):
+def ema_tensors(ema, model):
+    """update_ema's pairs, listed once: (average, trained) parameters, floating-point buffers (BatchNorm's
+    running statistics) and integer buffers (batches seen), each a pair of lists in module order."""
+    pair = lambda a, b: (list(a), list(b))
+    fb = [(a, b) for a, b in zip(ema.buffers(), model.buffers()) if a.is_floating_point()]
+    ib = [(a, b) for a, b in zip(ema.buffers(), model.buffers()) if not a.is_floating_point()]
+    return pair(ema.parameters(), model.parameters()), pair(*zip(*fb)) if fb else ([], []), \
+        pair(*zip(*ib)) if ib else ([], [])
+
+
+def update_ema(ema, model, decay, skip=None, tensors=None):
     """ema <- decay * ema + (1 - decay) * model, parameters and float buffers (BatchNorm's running
-    statistics) alike; integer buffers (batches seen) are copied."""
+    statistics) alike; integer buffers (batches seen) are copied. One foreach lerp over the parameters
+    instead of one op per tensor of a fresh state_dict each step.
+
+    skip: a 0-dim bool tensor on the device, true for a step the optimizer skipped: the average is left as
+    it is, without reading the flag on the host (the parameters are lerped with weight 0, which leaves them
+    bit for bit since the skipped step left the trained ones finite; the buffers, which a non-finite forward
+    may have spoilt, are selected). tensors: ema_tensors(ema, model), to list them once per run."""
+    (pa, pb), (fa, fb), (ia, ib) = tensors or ema_tensors(ema, model)
     with torch.no_grad():
-        for a, b in zip(ema.state_dict().values(), model.state_dict().values()):
-            if a.is_floating_point():
-                a.lerp_(b, 1 - decay)
-            else:
-                a.copy_(b)
+        if skip is None:
+            torch._foreach_lerp_(pa + fa, pb + fb, 1 - decay)
+            if ia:
+                torch._foreach_copy_(ia, ib)
+            return
+        w = (~skip).to(pa[0].dtype) * (1 - decay)  # 0 on a skipped step
+        torch._foreach_lerp_(pa, pb, w)
+        if fa:
+            torch._foreach_lerp_(fa, [torch.where(skip, a, b) for a, b in zip(fa, fb)], w)
+        for a, b in zip(ia, ib):
+            a.copy_(torch.where(skip, a, b))
 
 
 def restore(resume, model, optimizer, scaler, args, ema=None):
@@ -371,12 +400,48 @@ def train_loader(train_ds, args, step, world, rank, device):
                       generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
 
 
-def accumulate(sums, loss, out, kl_levels, T):
-    """Add a finite step to the epoch's sums; the sample logs per-frame averages (each term divided by T)."""
-    for k, v in (("loss", loss), ("mse", out["mse"]), ("kld", out["kld"])):
-        sums[k] += v.item() / T
-    sums["kld_levels"] = [a + v / T for a, v in zip(sums.get("kld_levels") or [0.0] * len(kl_levels), kl_levels)]
-    sums["n"] += 1
+class EpochSums:
+    """The epoch's sums of finite steps (run.epoch_sums: loss, mse, kld and each latent level's KL, per frame
+    as the sample logs them, and the step count), kept on the device so that adding a step needs no host
+    synchronisation; read() brings them to the host (at the logging cadence, before a save, at the epoch's
+    end). float64, added in the same order as Python floats would be: the same sums as item() per step."""
+
+    def __init__(self, sums, levels, device):
+        self.sums, self.levels = sums, levels
+        kl = sums.get("kld_levels") or [0.0] * levels
+        self.acc = torch.tensor([sums["loss"], sums["mse"], sums["kld"], *kl, sums["n"]], dtype=torch.float64,
+                                device=device)
+
+    def add(self, loss, out, bad, T):
+        """Add one step (bad: a 0-dim bool tensor, true for a non-finite step, which is not counted)."""
+        v = torch.cat([torch.stack([loss.detach(), out["mse"].detach(), out["kld"].detach()]).double(),
+                       out["kl_levels"].detach().double()]) / T
+        self.acc.add_(torch.cat([v, v.new_ones(1)]).masked_fill_(bad, 0))
+
+    def read(self):
+        """Update and return the host dict (a host synchronisation)."""
+        v = self.acc.tolist()
+        self.sums.update(loss=v[0], mse=v[1], kld=v[2], kld_levels=v[3:-1], n=int(v[-1]))
+        return self.sums
+
+
+def optimizer_step(optimizer, scaler, bad):
+    """The optimizer's step unless bad (a 0-dim bool tensor: a non-finite loss or gradient). Fused Adam and SGD
+    skip on the device flag itself (their found_inf attribute, as torch.amp.GradScaler passes it: the step
+    counts are restored too), so the host does not read it; other optimizers read it. With the fp16 scaler,
+    the scaler decides (it skips steps with non-finite gradients). Returns bad, or None when the scaler decided."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        return None
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf, optimizer.grad_scale = bad.float(), None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not bad:  # a host read
+        optimizer.step()
+    return bad
 
 
 def validate(model, val_ds, args, device, epoch, trained=None):
@@ -433,6 +498,8 @@ def main(argv=None):
     world, rank, local_rank = setup_distributed()
     main_proc = rank == 0
     device = runtime.choose_device("cuda" if args.cuda else args.device, local_rank)
+    if device.type == "cuda" and not torch.backends.cudnn.deterministic:
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick each convolution's fastest kernel once
     if args.fvd_every and main_proc:
         try:
             fvd_scorer(device)  # fails now, not at the first FVD validation
@@ -472,6 +539,12 @@ def main(argv=None):
     save = lambda path, collective=True: save_checkpoint(path, model, optimizer, scaler, args, run, world, collective, ema)
     last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "model.pth")
     T, stop, active_dims = args.n_past + args.n_future, StopRequest(), "-"
+    # Host reads of device values (loss, skipped steps) happen every sync_every steps; on a CPU every step,
+    # where the ops have already run when the host reads a value, so it costs nothing.
+    sync_every = args.sync_every or (1 if device.type == "cpu" else 10)
+    bad_since = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps since the last sync point
+    bad_run = torch.full((), run.bad_run, dtype=torch.long, device=device)
+    ema_pairs = ema_tensors(ema, model) if ema is not None else None
     try:
         while run.epoch < args.niter:
             run.tfr = teacher_forcing_ratio_from_args(run.epoch, args)
@@ -481,55 +554,77 @@ def main(argv=None):
             if main_proc and not args.no_progress:
                 from tqdm import tqdm
                 bar = tqdm(bar, desc=f"epoch {run.epoch}", total=args.epoch_size, initial=run.epoch_it, dynamic_ncols=True)
+            acc = EpochSums(sums, args.latent_levels, device)
             for it in bar:
-                # schedule -> forward -> backward -> clip -> step -> log
+                # schedule -> forward -> backward -> clip -> step -> log. Nothing here reads a device value on
+                # the host except at the sync points (every sync_every steps, before a save, at the epoch's
+                # end): on a GPU the host then queues iterations ahead of the kernels instead of waiting for each.
                 beta = kl_weight_from_args(run.step, args)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate_from_args(run.step, args)
                 use_tf = random.random() < run.tfr  # one coin per batch, as the sample
-                frames, conds = (x[:, :T].to(device, non_blocking=True) for x in next(batches))  # (B, T, C, H, W), (B, T, D)
+                # the whole pinned batch copied asynchronously, then sliced on the device (a slice of the pinned
+                # batch would be a non-contiguous, synchronous copy)
+                frames, conds = (x.to(device, non_blocking=True)[:, :T] for x in next(batches))  # (B, T, C, H, W), (B, T, D)
                 with runtime.autocast(device, args.amp):
                     out = ddp(frames, conds, args.n_past, teacher_forcing=use_tf, batched=args.rollout == "batched")
                 loss = out["mse"] + beta * kl_loss(out, args.free_bits)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-                nonfinite, stopping = agree([not (torch.isfinite(loss) and torch.isfinite(gnorm)), stop.signal is not None],
-                                           device, world)
-                if nonfinite and not scaler.is_enabled():  # the fp16 scaler skips such steps itself
-                    run.skipped, run.bad_run = run.skipped + 1, run.bad_run + 1
-                    if main_proc:
-                        print(f"\n[step {run.step}] non-finite loss or gradient (loss {loss.item():.4g}, grad norm "
-                              f"{gnorm.item():.4g}): step skipped ({run.bad_run} in a row, {run.skipped} in all)", flush=True)
-                else:
-                    scaler.step(optimizer)
-                    run.bad_run = 0
-                    if ema is not None:
-                        update_ema(ema, model, ema_decay(run.step, args.ema))
+                if args.grad_clip:
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                else:  # the norm alone (logged, and checked for finiteness): no multiplication of every gradient by 1
+                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))  # on the device
+                stopping = stop.signal is not None
+                if world > 1:  # every rank takes both decisions alike: the one per-step synchronisation under DDP
+                    bad_any, stopping = agree([bad, stopping], device, world)
+                    bad = torch.tensor(bad_any, device=device)
+                skip = optimizer_step(optimizer, scaler, bad)
+                if skip is not None:
+                    bad_since.add_(bad)
+                    bad_run.add_(1).mul_(bad)  # consecutive non-finite steps, 0 after a good one
+                if ema is not None:
+                    update_ema(ema, model, ema_decay(run.step, args.ema), skip, ema_pairs)
                 scaler.update()
+                acc.add(loss, out, bad, T)
                 run.step, run.epoch_it = run.step + 1, it + 1
+                save_now = stopping or (args.save_every and run.step % args.save_every == 0)
+                if run.step % sync_every and run.step % 10 and not save_now and run.epoch_it < args.epoch_size:
+                    continue
+                # a sync point (every sync_every steps, and at the logging cadence of every 10)
+                n_bad, run.bad_run = (int(v) for v in torch.stack([bad_since, bad_run]).tolist())
+                if n_bad:
+                    run.skipped += n_bad
+                    bad_since.zero_()
+                    if main_proc:
+                        print(f"\n[step {run.step - 1}] non-finite loss or gradient (loss {loss.item():.4g}, grad norm "
+                              f"{gnorm.item():.4g}): {n_bad} step(s) skipped since the last check ({run.bad_run} in a "
+                              f"row, {run.skipped} in all)", flush=True)
                 if run.bad_run >= args.max_bad_steps:
+                    acc.read()
                     save(last_path)
                     sys.exit(f"error: {run.bad_run} consecutive non-finite steps (--max_bad_steps); the last good "
                              f"weights are in {last_path}. Try a lower --lr, --grad_clip or --amp off.")
-                kl_levels = out["kl_levels"].tolist()  # each latent level's KL, global z first
-                if not nonfinite:
-                    accumulate(sums, loss, out, kl_levels, T)
-                if main_proc and run.step % 10 == 0:
-                    log.scalars(run.step, "train", {"loss": loss.item(), "mse": out["mse"].item(), "kld": out["kld"].item(),
-                                                    "grad_norm": gnorm.item(), "beta": beta, "tfr": run.tfr,
-                                                    **{f"kld_level{i + 1}": v for i, v in enumerate(kl_levels)}})
-                if main_proc and hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{out['mse'].item():.4f}", kld=f"{out['kld'].item():.3g}",
-                                    active=active_dims, beta=f"{beta:.3g}", tfr=f"{run.tfr:.2f}")
-                if stopping or (args.save_every and run.step % args.save_every == 0):
+                if main_proc and run.step % 10 == 0:  # the logging cadence, for the progress bar too
+                    vals = torch.stack([loss.detach().float(), out["mse"].detach().float(), out["kld"].detach().float(),
+                                        gnorm.float(), *out["kl_levels"].detach().float()]).tolist()
+                    log.scalars(run.step, "train", {"loss": vals[0], "mse": vals[1], "kld": vals[2], "grad_norm": vals[3],
+                                                    "beta": beta, "tfr": run.tfr,
+                                                    **{f"kld_level{i + 1}": v for i, v in enumerate(vals[4:])}})
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{vals[0]:.4f}", mse=f"{vals[1]:.4f}", kld=f"{vals[2]:.3g}",
+                                        active=active_dims, beta=f"{beta:.3g}", tfr=f"{run.tfr:.2f}")
+                if save_now:
+                    acc.read()
                     sums["seconds"], t_start = sums["seconds"] + time.time() - t_start, time.time()
                     save(last_path)
                     if stopping:
                         if main_proc:
                             print(f"stopped at epoch {run.epoch}, step {run.step}; resume with --model_dir {run_dir}")
                         return
+            acc.read()
             if hasattr(bar, "close"):
                 bar.close()
             sums["seconds"] += time.time() - t_start

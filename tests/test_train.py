@@ -220,8 +220,49 @@ def test_full_disk_stops_cleanly(sim_root, tmp_path, monkeypatch, capsys):
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
 
 
+def test_step_without_host_reads_is_the_plain_step():
+    """The loop's device-side step against the plain one: fused Adam skipping on its found_inf flag leaves the
+    weights and Adam's state bit for bit; a good step is opt.step(); the foreach weight average equals the
+    per-tensor lerp of the state_dict, and a skipped step leaves it; EpochSums equals item() per step."""
+    import argparse
+    import copy
+    from models import CVAE
+    torch.manual_seed(0)
+    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=4, cond_embed_dim=4)
+    ref = copy.deepcopy(model)
+    args = argparse.Namespace(optimizer="adam", lr=0.01, beta1=0.9)
+    opt, opt_ref = train.make_optimizer(args, model.parameters()), train.make_optimizer(args, ref.parameters())
+    ema, ema_ref = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x, c, noise = torch.rand(2, 4, 3, 64, 64), torch.randn(2, 4, 7), torch.randn(2, 3, 4)
+    sums, plain = train.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, torch.device("cpu")), [0.0, 0]
+    for step, poison in enumerate([False, True, False]):
+        for net, o in ((model, opt), (ref, opt_ref)):
+            out = net(x, c, 2, noise=noise, batched=True)
+            loss = out["mse"] + out["kld"] * (float("nan") if poison else 1.0)
+            o.zero_grad()
+            loss.backward()
+        bad = ~torch.isfinite(loss)
+        assert torch.equal(train.optimizer_step(opt, scaler, bad), bad)
+        if not poison:
+            opt_ref.step()
+            with torch.no_grad():  # the average as it was computed before: per tensor, on a fresh state_dict
+                for a, b in zip(ema_ref.state_dict().values(), ref.state_dict().values()):
+                    a.lerp_(b, 1 - 0.9) if a.is_floating_point() else a.copy_(b)
+            plain = [plain[0] + loss.item() / 3, plain[1] + 1]
+        train.update_ema(ema, model, 0.9, bad)
+        sums.add(loss, out, bad, 3)
+        for a, b in ((model, ref), (ema, ema_ref)):
+            for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+                assert torch.equal(u, v), (step, k)
+        for sa, sb in zip(opt.state.values(), opt_ref.state.values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), step
+    assert sums.read()["loss"] == plain[0] and sums.sums["n"] == plain[1] == 2
+
+
 @pytest.mark.slow
-def test_non_finite_steps_are_skipped_then_stop(sim_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sync_every", [0, 4])
+def test_non_finite_steps_are_skipped_then_stop(sim_root, tmp_path, monkeypatch, sync_every):
     real_forward = train.CVAE.forward
     calls = {"n": 0}
 
@@ -235,7 +276,7 @@ def test_non_finite_steps_are_skipped_then_stop(sim_root, tmp_path, monkeypatch)
 
     monkeypatch.setattr(train.CVAE, "forward", nan_after_first)
     with pytest.raises(SystemExit, match="3 consecutive non-finite steps"):
-        _train(sim_root, tmp_path, "--niter", "2", "--epoch_size", "5", "--max_bad_steps", "3")
+        _train(sim_root, tmp_path, "--niter", "2", "--epoch_size", "5", "--max_bad_steps", "3", "--sync_every", str(sync_every))
     run = os.path.join(tmp_path, [d for d in os.listdir(tmp_path) if d.startswith("rnn")][0])
     ckpt = checkpoints.load_checkpoint(os.path.join(run, "last.pth"))
     assert ckpt["skipped_steps"] == 3 and ckpt["step"] == 4
