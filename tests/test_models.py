@@ -447,3 +447,28 @@ def test_checkpoint_of_the_previous_code_loads_and_predicts_the_same():
         out = m(x, ref["conds"], 2, noise=ref["noise"])
         torch.testing.assert_close(out["mse"], ref["mse"])
         torch.testing.assert_close(out["kld"], ref["kld"])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_lstm_over_a_sequence_is_the_cell_loop(layers):
+    """fast._cells (one torch.lstm call) against the LSTMCells stepped one at a time: outputs and gradients in
+    float64, from zeros and from a given state; and it runs under bf16 autocast."""
+    from models.lstm import lstm
+    torch.manual_seed(0)
+    net = lstm(12, 6, 10, layers).double()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    state = tuple((torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)) for _ in range(layers))
+    for s in (None, state):
+        grads = []
+        for f in (fast._cells, fast._cells_per_step):
+            net.zero_grad()
+            out = f(net, x, s)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)).sum().backward()
+            grads.append((out, [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+        (a, ga), (b, gb) = grads
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        assert len(ga) == len(gb) == 2 + 4 * layers  # the embedding's and each cell's weights and biases
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast._cells(net.float(), x.float(), None).shape == (3, 5, 10)
