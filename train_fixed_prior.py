@@ -127,6 +127,11 @@ def get_args_parser():
     g("--rollout", default="batched", choices=["batched", "per_step"],
       help="under teacher forcing, models.fast.forward_batched (batched) or the plain CVAE.forward (per_step)")
     g("--compile", action="store_true", help="torch.compile the clip encoder and decoder for training, and the validation metrics")
+    g("--conv_layouts", default="auto", choices=["auto", "off"],
+      help="auto: each convolution of the batched training rollout in NCHW or channels-last, whichever a short "
+           "measurement at the start (a few seconds) finds faster on this machine; printed, saved in the run's args "
+           "(conv_layouts_chosen) and reused on resume. The same function, rounded per kernel: for two runs that must "
+           "agree bit for bit use off (every convolution NCHW, or all channels-last with --channels_last)")
     g("--sync_every", type=int, default=0,
       help="read the loss and the non-finite-step count on the host every N iterations (logging, skipped-step "
            "report, --max_bad_steps; the skipping itself happens on the device every step); 0: every iteration "
@@ -275,6 +280,35 @@ def kl_loss(out, free_bits):
     dimension's KL, per step and averaged over the batch, counted as at least `free_bits` nats; the spatial
     latent levels' KL (out["kl_levels"][1:]) counts in full."""
     return out["kl"].clamp_min(free_bits).sum() + out["kl_levels"][1:].sum() if free_bits > 0 else out["kld"]
+
+
+def choose_conv_layouts(model, args, device, main_proc, world=1):
+    """--conv_layouts auto: mark the convolutions that run faster in channels-last on this machine
+    (models.fast.choose_conv_layouts, measured on the run's batch shape and precision), or reuse the choice a
+    resumed run saved, so that a resume computes what the interrupted run did. Sets args.conv_layouts_chosen."""
+    if args.conv_layouts != "auto" or args.channels_last or args.rollout != "batched":
+        args.conv_layouts_chosen = []
+        return
+    chosen = getattr(args, "conv_layouts_chosen", None)
+    how = "saved by the run"
+    if chosen is None:
+        T = args.n_past + args.n_future
+        frames = torch.rand(args.batch_size, T, 3, 64, 64, device=device)
+        conds = torch.randn(args.batch_size, T, args.cond_dim, device=device)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG untouched
+            chosen, _ = fast.choose_conv_layouts(model, frames, conds, args.n_past,
+                                                 lambda: runtime.autocast(device, args.amp))
+        how = f"measured in {time.perf_counter() - t0:.1f} s, forward + backward"
+        if world > 1:  # every rank takes rank 0's choice
+            box = [chosen]
+            dist.broadcast_object_list(box, src=0)
+            chosen = box[0]
+    fast.set_conv_layouts(model, chosen)
+    args.conv_layouts_chosen = list(chosen)
+    if main_proc:
+        print(f"[conv layouts] channels-last for {len(chosen)} convolution(s) on this {device.type} ({how}): "
+              f"{', '.join(chosen) or 'none'}")
 
 
 def load_data(args, world, main_proc):
@@ -525,6 +559,7 @@ def main(argv=None):
     # Polyak averaging: a copy of the model whose weights trail the trained ones (update_ema after each step)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     run = restore(resume, model, optimizer, scaler, args, ema)
+    choose_conv_layouts(model, args, device, main_proc, world)
     if args.compile:
         fast.compile_rollout()
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model

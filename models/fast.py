@@ -10,6 +10,8 @@ What each trick replaces, and what it bought (docs/performance.md has the measur
                      fed-back predictions one at a time, with the decoder tricks below.
   run_per_step       BatchNorm in those batched calls with statistics per time step, as the per-step
                      calls compute them (folding T steps into one batch would be another model).
+  choose_conv_layouts  each convolution of those calls in NCHW or channels-last, whichever a short
+                     measurement on this host found faster (small-channel 64x64 layers gain most).
   skip_terms         the skips' half of each decoder block's first convolution, computed once per
                      distinct skip frame instead of once per step (~1/6 of a step's FLOPs).
   upsampled_conv     nearest 2x upsampling + 3x3 convolution as one stride-2 transposed convolution with
@@ -32,9 +34,11 @@ passes decode's output through model.compose with the step's input frame, as the
 
     python -c "import models.fast as f; help(f.forward_batched)"
 """
+import contextlib
 import copy
 import functools
 import itertools
+import time
 import warnings
 
 import torch
@@ -261,7 +265,8 @@ def decode(decoder, g, terms, c=None, targets=None, noise=()):
         if isinstance(conv, CondConv2d):  # per-example kernels: the plain concatenation (module docstring)
             x = conv(torch.cat([F.interpolate(d, scale_factor=2, mode="nearest"), t], 1), c)
         else:
-            x = upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)  # the upsampled half of the conv
+            up = lambda d, conv=conv: upsampled_conv(d, conv.weight[:, : d.shape[1]], conv.bias)
+            x = in_layout(conv, "up", up, d)  # the upsampled half of the conv
             x = x.add_(t)  # + the skip half: conv of cat([up(d), skip])
         if i < decoder.levels - 1:  # level i's z on the top-down features u = up(d), as vgg_decoder.forward
             u = F.interpolate(d, scale_factor=2, mode="nearest")
@@ -304,8 +309,88 @@ def run_per_step(module, x, steps):
         return batch_norm_per_step(module, x, steps)
     if type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.padding == (1, 1) \
             and module.stride == (1, 1) and module.groups == 1:
-        return conv3x3(x, module.weight, module.bias, functools.partial(_f4_weight, module))
+        return in_layout(module, "conv", lambda x: conv3x3(x, module.weight, module.bias,
+                                                          functools.partial(_f4_weight, module)), x)
+    if type(module) in (nn.Conv2d, nn.ConvTranspose2d):
+        return in_layout(module, "conv", module, x)
     return module(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory format per convolution, measured on this host
+_RECORD = None  # while choose_conv_layouts records: {(module, role): (fn, input shape, dtype)}
+
+
+def in_layout(module, role, fn, x):
+    """fn(x), a convolution of `module` (role "conv", or "up" for a decoder block's upsampled half), in the
+    memory format chosen for it on this host (choose_conv_layouts): channels-last when marked, with x
+    converted before and the result converted back to NCHW, so that BatchNorm per step and everything after
+    see what they always see. In training only (the choice was measured forward + backward); the same
+    function, rounded as the channels-last kernels round (tested)."""
+    if _RECORD is not None:
+        _RECORD.setdefault((module, role), (fn, tuple(x.shape), x.dtype))
+    if torch.is_grad_enabled() and module.__dict__.get("_channels_last_" + role):
+        return fn(x.contiguous(memory_format=torch.channels_last)).contiguous()
+    return fn(x)
+
+
+def set_conv_layouts(model, names):
+    """Mark the convolutions named "<module name>:<role>" (as choose_conv_layouts returns them) channels-last,
+    and every other one NCHW."""
+    names = set(names)
+    for name, m in model.named_modules():
+        if type(m) in (nn.Conv2d, nn.ConvTranspose2d):
+            for role in ("conv", "up"):
+                m.__dict__["_channels_last_" + role] = f"{name}:{role}" in names
+
+
+def choose_conv_layouts(model, frames, conds, n_past, amp_context=contextlib.nullcontext, repeats=3, min_gain=0.1):
+    """Which convolutions of the batched training rollout run faster in channels-last on this host.
+
+    One forward_batched of a copy of `model` on (frames, conds) records every convolution's input shape; each
+    is then timed alone, forward + backward (under amp_context, e.g. the run's autocast), in NCHW and in
+    channels-last with the two conversions counted, best of `repeats` after a warm-up. A convolution is
+    marked channels-last where that is faster by min_gain (a margin, so that timing noise does not flip a
+    tie). `model` is not changed (the caller applies the choice with set_conv_layouts). Returns
+    (names marked channels-last, {name: (NCHW seconds, channels-last seconds)})."""
+    global _RECORD
+    probe = copy.deepcopy(model).train()
+    set_conv_layouts(probe, ())
+    names = {m: n for n, m in probe.named_modules()}
+    _RECORD = {}
+    try:
+        with amp_context():
+            forward_batched(probe, frames, conds, n_past)
+        recorded = _RECORD
+    finally:
+        _RECORD = None
+    times, chosen = {}, []
+    for (module, role), (fn, shape, dtype) in recorded.items():
+        x = torch.randn(shape, device=frames.device, dtype=dtype)
+        runs = []
+        for cl in (False, True):
+            xin = x.requires_grad_()
+
+            def step():
+                with amp_context():
+                    y = fn(xin.contiguous(memory_format=torch.channels_last)).contiguous() if cl else fn(xin)
+                y.backward(torch.ones_like(y))
+            step()
+            best = float("inf")
+            for _ in range(repeats):
+                if frames.device.type == "cuda":
+                    torch.cuda.synchronize(frames.device)
+                t0 = time.perf_counter()
+                step()
+                if frames.device.type == "cuda":
+                    torch.cuda.synchronize(frames.device)
+                best = min(best, time.perf_counter() - t0)
+            runs.append(best)
+        name = f"{names[module]}:{role}"
+        times[name] = tuple(runs)
+        if runs[1] < (1 - min_gain) * runs[0]:
+            chosen.append(name)
+    return chosen, times
 
 
 def batch_norm_per_step(bn, x, steps):

@@ -22,7 +22,8 @@ def test_two_process_ddp_matches_gradient_averaging(sim_root, tmp_path):
            os.path.join(REPO, "train_fixed_prior.py"), "--data_root", sim_root, "--log_dir", str(tmp_path),
            "--cache_dir", str(tmp_path / "cache"), *TINY, "--niter", "1", "--epoch_size", str(steps),
            "--seed", str(seed), "--plot_every", "9", "--device", "cpu",
-           "--optimizer", "sgd", "--lr", "0.5"]  # SGD: parameters move linearly with the gradients
+           "--optimizer", "sgd", "--lr", "0.5",  # SGD: parameters move linearly with the gradients
+           "--conv_layouts", "off"]  # NCHW, as the reference computes it: lr 0.5 magnifies the layouts' rounding
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

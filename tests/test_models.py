@@ -472,3 +472,32 @@ def test_lstm_over_a_sequence_is_the_cell_loop(layers):
             torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast._cells(net.float(), x.float(), None).shape == (3, 5, 10)
+
+
+def test_channels_last_convolutions_train_as_nchw():
+    """Every convolution of the batched rollout marked channels-last (as choose_conv_layouts may mark them):
+    the same losses, gradients and running statistics as NCHW (in float64, as the test above explains); and
+    the choice leaves the model as it was."""
+    results = []
+    for mark in (False, True):
+        m, x, c, noise = _model(cond_conv="film")
+        m, x, c, noise = m.double(), x.double(), c.double(), noise.double()
+        names = [f"{n}:{r}" for n, mod in m.named_modules() if type(mod) in (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+                 for r in ("conv", "up")]
+        fast.set_conv_layouts(m, names if mark else [])
+        m.train()
+        out = m(x, c, 2, teacher_forcing=True, noise=noise, batched=True)
+        (out["mse"] + out["kld"]).backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters()}, m.state_dict()))
+    (a, ga, sa), (b, gb, sb) = results
+    for key in ("pred", "kl"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-3, msg=name)
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], atol=1e-6, rtol=1e-5, msg=name)
+    m, x, c = m.float(), x.float(), c.float()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    chosen, times = fast.choose_conv_layouts(m, x, c, 2, repeats=1)
+    assert set(chosen) <= set(times) and "encoder.c1.0.0:conv" in times and "decoder.upc5.0.0:up" in times
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -91,6 +91,10 @@ def _params(path):
 def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
              "--tfr", "0.5", "--kl_anneal_cyclical", "--lr_schedule", "cosine", "--warmup", "2", *model_flags]
+    # A fixed layout choice instead of a measurement (which may differ between the two runs): a resume must
+    # reuse the interrupted run's choice, not measure again.
+    measured = []
+    monkeypatch.setattr(train.fast, "choose_conv_layouts", lambda *a, **k: measured.append(1) or (["encoder.c1.0.0:conv"], {}))
     full = _train(sim_root, tmp_path / "a", *flags)
     real_kl = train.kl_weight_from_args
 
@@ -106,6 +110,7 @@ def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     resumed = train.main(["--model_dir", str(tmp_path / "b" / os.path.basename(full))])
     a, b = _params(os.path.join(full, "last.pth")), _params(os.path.join(resumed, "last.pth"))
     assert a["step"] == b["step"] == 6
+    assert len(measured) == 2 and a["args"]["conv_layouts_chosen"] == b["args"]["conv_layouts_chosen"] == ["encoder.c1.0.0:conv"]
     for key in ("model", "train_model") if a["train_model"] is not None else ("model",):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
