@@ -17,6 +17,12 @@ Measured, each fast path next to its reference (median of repeats after warm-up,
     direct convolution algorithm and with the Winograd algorithms where they pay (`models.fast.conv3x3`).
  5. batched PSNR/SSIM (`metrics.batch_metrics`, eager and torch.compile'd) vs the per-channel `utils.finn_eval_seq`.
  6. on paper: FLOPs of the course schedule and its time on one modern GPU at the fraction of peak achieved here.
+ 7. the demo/long recipes' iteration (width 8, batch 4, FiLM, weight average) and the full-width one (batch 12):
+    the current training step against the step as the loop ran it before (the same function, tests/test_train.py),
+    in alternating rounds of one run; FLOP/s against the peak; where the time goes (torch.profiler self time by
+    category: convolutions, BatchNorm/activations, LSTM cells, optimizer, Python and dispatch overhead).
+ 8. roofline: every convolution shape of those steps, forward and forward + backward, timed alone at the
+    step's batch, per precision, against the large-kernel peak. `--only_steps`: sections 0, 7 and 8 alone.
 Without --data_root a small data set is generated in a temporary directory (make_sim_dataset.py when present,
 random PNG/CSV files otherwise). Where a figure is extrapolated (a subset scaled up, a smaller batch scaled by
 its FLOP count) the table and bench.json say so.
@@ -106,11 +112,13 @@ PLANS = {
                  train=[(12, 1, 3, None), (24, 0, 1, (REFERENCE, "best fp32"))],
                  bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32,
                  eval_configs=((32, False, False), (32, False, True)),
-                 metric_seqs=256, metric_repeats=3, finn_seqs=16),
+                 metric_seqs=256, metric_repeats=3, finn_seqs=16, conv_repeats=3,
+                 recipe_rounds={"demo/long recipe (width 8, batch 4, FiLM, EMA)": (5, 3), "full width (batch 12)": (2, 1)}),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
                   train=[(2, 1, 2, None)], bf16=("bf16 batched CL",), eval_seqs=16,
                   eval_configs=((16, False, False), (16, False, True)),
-                  metric_seqs=32, metric_repeats=3, finn_seqs=4),
+                  metric_seqs=32, metric_repeats=3, finn_seqs=4, conv_repeats=2,
+                  recipe_rounds={"demo/long recipe (width 8, batch 4, FiLM, EMA)": (3, 2), "full width (batch 12)": (0, 0)}),
 }
 
 
@@ -124,6 +132,9 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also profile one fp32 batched step and print its top ops")
+    p.add_argument("--only_steps", action="store_true",
+                   help="only the peak, the recipes' iterations (before vs after, where the time goes) and the "
+                        "roofline of the model's own convolutions (sections 0, 7, 8)")
     return p
 
 
@@ -480,6 +491,253 @@ def profile_step(device, B, log):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 7. The recipes' training iteration: the current step against the step as the loop ran it before, in one run
+RECIPE_MODELS = {  # demo.py's demo and long recipes share the model and batch (they differ in schedule only)
+    "demo/long recipe (width 8, batch 4, FiLM, EMA)": (dict(base_channels=8, g_dim=64, z_dim=16, rnn_size=128,
+                                                            cond_conv="film"), 4, True),
+    "full width (batch 12)": ({}, 12, False),
+}
+
+
+def _step_closures(model_cfg, B, ema_on, device, amp):
+    """Two training iterations of one model on one batch: "before", the loop as train_fixed_prior.py ran it
+    before its device-side form (the LSTMs stepped cell by cell, the gradient norm clipped at infinity, the
+    non-finite check and four losses read on the host every step, the weight average one lerp per tensor of
+    a fresh state_dict), and "after", the current loop's step (one torch.lstm per LSTM, the norm alone, the
+    skip decided on the device by fused Adam, the foreach average, the epoch sums kept on the device, and each
+    convolution in the memory format measured faster here, --conv_layouts auto). The same function: the same
+    losses, weights and average up to rounding (tests/test_train.py, tests/test_models.py). Each form trains
+    its own copy of the same initial model; returns the two steps and the layout choice."""
+    import copy
+    import math
+    import train_fixed_prior as tfp
+    frames, conds = torch.rand(B, T, 3, 64, 64, device=device), torch.randn(B, T, 7, device=device)
+
+    def setup():  # each form trains its own copy of the same initial model
+        torch.manual_seed(0)
+        model = CVAE(**model_cfg).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False) if ema_on else None
+        return model, ema, torch.optim.Adam(model.parameters(), lr=0.002, betas=(0.9, 0.999), fused=True)
+
+    model_b, ema_b, opt_b = setup()
+    model, ema, opt = setup()
+    t0 = time.perf_counter()  # the current loop's --conv_layouts auto, as train_fixed_prior.py measures it
+    chosen, _ = fast.choose_conv_layouts(model, frames, conds, N_PAST, lambda: runtime.autocast(device, amp))
+    layouts = {"channels_last": chosen, "choose_s": time.perf_counter() - t0}
+    fast.set_conv_layouts(model, chosen)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    pairs = tfp.ema_tensors(ema, model) if ema_on else None
+    sums = tfp.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, device)
+
+    def forward(model):
+        with runtime.autocast(device, amp):
+            out = model(frames, conds, N_PAST, teacher_forcing=True, batched=True)
+        return out, out["mse"] + 1e-4 * out["kld"]
+
+    def before():
+        cells, fast._cells = fast._cells, fast._cells_per_step
+        try:
+            out, loss = forward(model_b)
+        finally:
+            fast._cells = cells
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model_b.parameters(), math.inf)
+        bad, _ = tfp.agree([not (torch.isfinite(loss) and torch.isfinite(gnorm)), False], device, 1)
+        if not bad:
+            opt_b.step()
+            if ema_b is not None:
+                with torch.no_grad():
+                    for a, b in zip(ema_b.state_dict().values(), model_b.state_dict().values()):
+                        a.lerp_(b, 1 - 0.995) if a.is_floating_point() else a.copy_(b)
+        out["kl_levels"].tolist(), loss.item(), out["mse"].item(), out["kld"].item()
+
+    def after():
+        out, loss = forward(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
+        skip = tfp.optimizer_step(opt, scaler, bad)
+        if ema is not None:
+            tfp.update_ema(ema, model, 0.995, skip, pairs)
+        sums.add(loss, out, bad, T)
+
+    return before, after, layouts
+
+
+# Profile categories: the first whose pattern occurs in an op's name (lower case) takes its self time.
+OP_CATEGORIES = (
+    ("convolutions", ("conv", "mkldnn_convolution", "nnpack")),
+    ("LSTM cells", ("lstm", "rnn")),
+    ("BatchNorm/activations", ("batch_norm", "leaky_relu", "tanh", "sigmoid", "max_pool", "threshold")),
+    ("optimizer + weight average", ("adam", "lerp", "foreach", "norm")),
+    ("matrix products (linear layers)", ("mm", "addmm", "linear", "bmm")),
+    ("copies/casts/fills", ("copy", "fill", "zero", "clone", "cat", "stack", "contiguous", "to_copy", "empty")),
+)
+
+
+def profile_categories(fn, device, repeats=2):
+    """Self time of fn()'s ops by category (OP_CATEGORIES; the rest "other ops"), with "Python and dispatch
+    overhead" = wall time minus the ops' self time, and the top ops. On the CPU the ops' self time on the
+    calling thread; on a GPU their kernels' device time (the host's time then is launch overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        wall = (time.perf_counter() - t0) / repeats
+    own = (lambda e: getattr(e, "self_device_time_total", 0)) if device.type == "cuda" else \
+        (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if own(e) > 0]
+    cats = {name: 0.0 for name, _ in OP_CATEGORIES}
+    cats["other ops"] = 0.0
+    for e in events:
+        key = e.key.lower()
+        name = next((n for n, pats in OP_CATEGORIES if any(p in key for p in pats)), "other ops")
+        cats[name] += own(e) / 1e6 / repeats
+    ops = sum(cats.values())
+    cats["Python and dispatch overhead" if device.type == "cpu" else "device idle (launch and host overhead)"] = \
+        max(0.0, wall - ops)
+    top = sorted(events, key=lambda e: -own(e))[:8]
+    return {"wall_s": wall, "categories_s": cats, "shares": {k: v / max(wall, ops) for k, v in cats.items()},
+            "top_ops": [{"op": e.key, "self_s": own(e) / 1e6 / repeats, "calls": e.count // repeats} for e in top]}
+
+
+def model_step_flops(model_cfg, B):
+    """Counted FLOPs (convolutions and matmuls) of one batched training forward + backward of a CVAE(**model_cfg)."""
+    model = CVAE(**model_cfg).to("meta")
+    frames, conds = torch.empty(B, T, 3, 64, 64, device="meta"), torch.empty(B, T, 7, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(frames, conds, N_PAST, teacher_forcing=True, batched=True)
+        (out["mse"] + out["kld"]).backward()
+    return counter.get_total_flops()
+
+
+def bench_recipes(device, plan, bf16_native, peak, log):
+    """Each recipe model's iteration, "before" and "after" (_step_closures) in alternating rounds, the ratio,
+    FLOP/s against the measured peak, and where the current step's time goes (profile_categories)."""
+    res = {}
+    precisions = ["fp32"] + (["bf16"] if bf16_native else [])
+    for name, (cfg, B, ema_on) in RECIPE_MODELS.items():
+        rounds, steps = plan["recipe_rounds"][name]
+        if rounds == 0:
+            continue
+        flops = model_step_flops(cfg, B)
+        for prec in precisions:
+            amp = "bf16" if prec == "bf16" else "off"
+            before, after, layouts = _step_closures(cfg, B, ema_on, device, amp)
+            before(), after()  # warm-up (first-call allocations, oneDNN primitive creation)
+            times = {"before": [], "after": []}
+            for _ in range(rounds):  # alternating: a slow spell of a shared host slows both
+                for key, fn in (("before", before), ("after", after)):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        fn()
+                    sync(device)
+                    times[key].append((time.perf_counter() - t0) / steps)
+            s_b, s_a = statistics.median(times["before"]), statistics.median(times["after"])
+            prof = profile_categories(after, device, repeats=max(1, steps // 2))
+            rec = {"model": cfg, "batch": B, "ema": ema_on, "precision": prec, "before_s": s_b, "after_s": s_a,
+                   "conv_layouts": layouts,
+                   "ratio": s_b / s_a, "rounds": times, "flops": flops, "after_gflops": flops / s_a / 1e9,
+                   "fraction_of_peak": flops / s_a / peak[prec]["peak"], "profile": prof}
+            res[f"{name} {prec}"] = rec
+            log(f"  {name} {prec}: before {s_b:.3f} s/it, after {s_a:.3f} s/it -> {s_b / s_a:.2f}x; "
+                f"{flops / 1e9:.1f} GFLOP/it, {flops / s_a / 1e9:.1f} GFLOP/s = "
+                f"{100 * rec['fraction_of_peak']:.0f}% of the {prec} peak {peak[prec]['peak'] / 1e9:.0f} GFLOP/s")
+            log("    where the time goes: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                                          sorted(prof["shares"].items(), key=lambda kv: -kv[1]) if v >= 0.005))
+            log(f"    channels-last (measured here in {layouts['choose_s']:.1f} s): "
+                f"{', '.join(layouts['channels_last']) or 'none'}")
+            del before, after
+            gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Roofline of the model's own convolutions
+def conv_shapes(model_cfg, B):
+    """Every convolution of one batched training forward of CVAE(**model_cfg) at batch B: a list of
+    ((input shape, weight shape, stride, padding, transposed, groups), calls), from a run on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                x, w, _, stride, padding, _, transposed, _, groups = args
+                key = (tuple(x.shape), tuple(w.shape), tuple(stride), tuple(padding), bool(transposed), groups)
+                seen[key] = seen.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    model = CVAE(**model_cfg).to("meta")
+    frames, conds = torch.empty(B, T, 3, 64, 64, device="meta"), torch.empty(B, T, 7, device="meta")
+    with Record():
+        model(frames, conds, N_PAST, teacher_forcing=True, batched=True)
+    return list(seen.items())
+
+
+def bench_conv_roofline(device, plan, bf16_native, peak, log):
+    """Each convolution shape of each RECIPE_MODELS step, forward and forward + backward (input and weight
+    gradients), timed alone at the step's batch, per precision: FLOP/s against the measured large-kernel peak,
+    and the sum over the step's convolutions (the time the step would spend in them run alone)."""
+    res = {}
+    precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if bf16_native else [])
+    for name, (cfg, B, _) in RECIPE_MODELS.items():
+        if plan["recipe_rounds"][name][0] == 0:
+            continue
+        shapes = conv_shapes(cfg, B)
+        for prec, dtype in precisions:
+            rows, tot = [], {"fwd_s": 0.0, "fwdbwd_s": 0.0, "fwd_flops": 0, "fwdbwd_flops": 0}
+            for (xs, ws, stride, padding, transposed, groups), calls in shapes:
+                x = torch.randn(xs, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(ws, device=device, dtype=dtype, requires_grad=True)
+                conv = lambda: torch.convolution(x, w, None, stride, padding, (1, 1), transposed, (0, 0), groups)
+                with torch.no_grad():
+                    y = conv()
+                g = torch.randn_like(y)
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    conv().backward(g)
+                fb_flops = counter.get_total_flops()
+                counter = FlopCounterMode(display=False)
+                with counter, torch.no_grad():
+                    conv()
+                f_flops = counter.get_total_flops()
+
+                def fwd():
+                    with torch.no_grad():
+                        conv()
+                f_s = min(timed(fwd, device, 1, plan["conv_repeats"])[1])
+                fb_s = min(timed(lambda: conv().backward(g), device, 1, plan["conv_repeats"])[1])
+                rows.append({"input": xs, "weight": ws, "stride": stride, "transposed": transposed, "calls": calls,
+                             "fwd_s": f_s, "fwdbwd_s": fb_s, "fwd_gflops": f_flops / f_s / 1e9,
+                             "fwdbwd_gflops": fb_flops / fb_s / 1e9})
+                tot["fwd_s"] += calls * f_s
+                tot["fwdbwd_s"] += calls * fb_s
+                tot["fwd_flops"] += calls * f_flops
+                tot["fwdbwd_flops"] += calls * fb_flops
+                del x, w, y, g
+            p = peak[prec]["peak"]
+            tot.update(fwd_fraction=tot["fwd_flops"] / tot["fwd_s"] / p, fwdbwd_fraction=tot["fwdbwd_flops"] / tot["fwdbwd_s"] / p)
+            res[f"{name} {prec}"] = {"shapes": rows, "total": tot, "peak": p}
+            log(f"  {name} {prec}: {len(rows)} convolution shapes; alone, the step's convolutions take "
+                f"{tot['fwdbwd_s']:.3f} s forward + backward ({tot['fwdbwd_flops'] / tot['fwdbwd_s'] / 1e9:.1f} GFLOP/s, "
+                f"{100 * tot['fwdbwd_fraction']:.0f}% of the {prec} peak {p / 1e9:.0f}); forward "
+                f"{100 * tot['fwd_fraction']:.0f}%")
+            for r in sorted(rows, key=lambda r: -r["calls"] * r["fwdbwd_s"])[:4]:
+                log(f"    {str(r['input']):18s} x {str(r['weight']):16s}{' T' if r['transposed'] else '  '} x{r['calls']}: "
+                    f"fwd {r['fwd_gflops']:6.1f}, fwd+bwd {r['fwdbwd_gflops']:6.1f} GFLOP/s")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
 # The table
 def make_table(plan, loader, train, peak, evals, metrics):
     B = plan["headline_batch"]
@@ -543,6 +801,28 @@ def make_table(plan, loader, train, peak, evals, metrics):
     return rows, summary
 
 
+def print_steps(recipes, roofline, peak, log):
+    """The targets of the training iteration side by side with the host's peaks: each recipe model's
+    after/before ratio (target 3x for the demo/long recipe), its FLOP/s against the peak, and the roofline.
+    The fractions are recomputed against the final peak (the higher of two measurements)."""
+    for r in recipes.values():
+        r["fraction_of_peak"] = r["flops"] / r["after_s"] / peak[r["precision"]]["peak"]
+    for name, c in roofline.items():
+        c["peak"] = p = peak[name.rsplit(" ", 1)[1]]["peak"]
+        t = c["total"]
+        t.update(fwd_fraction=t["fwd_flops"] / t["fwd_s"] / p, fwdbwd_fraction=t["fwdbwd_flops"] / t["fwdbwd_s"] / p)
+    log(f"\ntraining iterations, this host's measured peaks: fp32 {peak['fp32']['peak'] / 1e9:.1f}, bf16 "
+        f"{peak['bf16']['peak'] / 1e9:.1f} GFLOP/s")
+    for name, r in recipes.items():
+        conv = roofline.get(name)
+        target = ">= 3x (issue #32)" if name.startswith("demo") else ">= 1x (no config slower)"
+        met = r["ratio"] >= (3 if name.startswith("demo") else 1)
+        log(f"  {name}: {r['after_s']:.3f} s/it against {r['before_s']:.3f} before: {r['ratio']:.2f}x, target {target}: "
+            f"{'met' if met else 'NOT met'}; {100 * r['fraction_of_peak']:.0f}% of the {r['precision']} peak"
+            + (f"; its convolutions alone (forward + backward) at {100 * conv['total']['fwdbwd_fraction']:.0f}% of "
+               f"it, {conv['total']['fwdbwd_s']:.3f} s of the {r['after_s']:.3f} s" if conv else ""))
+
+
 def print_table(rows, log):
     head = ("name", "measured", "reference", "ratio", "target", "met")
     cells = [[x["name"], fmt(x["measured"]), fmt(x["reference"]), fmt(x["ratio"], "x") if x["ratio"] else "",
@@ -589,6 +869,23 @@ def main(args):
             log(f"  WARNING: other processes kept {other:.1f} cores busy during this section: its figures are slowed")
         return out
 
+    if args.only_steps:
+        peak = section("0. peak FLOP/s", bench_peak, device, bf16_native)
+        recipes = section("7. the recipes' training iteration, before vs after (same run)", bench_recipes, device, plan,
+                          bf16_native, peak, log)
+        roofline = section("8. roofline: the model's own convolutions alone", bench_conv_roofline, device, plan,
+                           bf16_native, peak, log)
+        peak = merge_peaks(peak, section("peak FLOP/s (second measurement)", bench_peak, device, bf16_native))
+        print_steps(recipes, roofline, peak, log)
+        result = {"mode": ("quick" if args.quick else "full") + " --only_steps", "machine": info,
+                  "bf16_native": bf16_native, "other_processes_cores": contention, "section_s": section_s,
+                  "peak_flops": peak, "recipes": recipes, "conv_roofline": roofline,
+                  "wall_s": time.perf_counter() - t_start}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        log(f"\nwrote {args.out} ({result['wall_s']:.0f} s wall)")
+        return result
+
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data_root, source = args.data_root, "given"
         if not data_root:
@@ -607,10 +904,15 @@ def main(args):
                         device, plan, log)
         metrics = section("5. metrics", bench_metrics, device, plan)
         top_ops = section("profile", profile_step, device, plan["headline_batch"], log) if args.profile else None
+        recipes = section("7. the recipes' training iteration, before vs after (same run)", bench_recipes, device, plan,
+                          bf16_native, peak, log)
+        roofline = section("8. roofline: the model's own convolutions alone", bench_conv_roofline, device, plan,
+                           bf16_native, peak, log)
 
     rows, summary = make_table(plan, loader, train, peak, evals, metrics)
     log("\n" + ("QUICK RUN: reduced sizes, not the headline figures\n" if args.quick else ""))
     print_table(rows, log)
+    print_steps(recipes, roofline, peak, log)
 
     # 6. on paper: the course schedule
     best, ref, frac = summary["best"], summary["reference"], summary["fp32_fraction"]
@@ -647,6 +949,7 @@ def main(args):
               "data": {"root": args.data_root or None, "source": source},
               "other_processes_cores": contention, "section_s": section_s, "loader": loader, "train": train,
               "peak_flops": peak, "eval": evals, "metrics": metrics, "paper": paper, "profile_top_ops": top_ops,
+              "recipes": recipes, "conv_roofline": roofline,
               "table": rows, "wall_s": time.perf_counter() - t_start}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)

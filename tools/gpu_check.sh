@@ -13,7 +13,9 @@
 #   1. python -m pytest -m cuda tests: the fast paths equal to the plain model on CUDA, bf16 and fp16
 #      autocast training with the grad scaler, exact resume, NCCL DDP                  <= 120 s
 #   2. simulated data: make_sim_dataset.py, 240 train / 8 validate / 4 test sequences  <= 40 s
-#   3. python bench.py --device cuda --quick (CPU dry run: only --help)                <= 60 s
+#   3. python bench.py --device cuda --only_steps: the demo/long recipes' and the full-width (batch 12)
+#      training iteration, fp32 and bf16, before vs after, where the time goes, and the roofline of the
+#      model's own convolutions against the GPU's measured peaks (CPU dry run: only --help)  <= 60 s
 #   4. full-width training (train_fixed_prior.py defaults, batch 12) with --amp bf16,
 #      stopped by SIGTERM; iterations/s from metrics.csv (start-up excluded) and the
 #      projected time of the course's 180,000-iteration schedule        <= 300 s, or what is left
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --python) PY="$2"; shift 2 ;;
     --train_seconds) TRAIN_S="$2"; shift 2 ;;
     --fp32_seconds) FP32_S="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1 (--help lists them)" >&2; exit 2 ;;
   esac
 done
@@ -104,8 +106,8 @@ fi
 
 # 3. bench
 if [ "$DEVICE" = cuda ]; then
-  section "bench --quick" "$(( T_BENCH < $(left) ? T_BENCH : $(left) ))" bench.log -- \
-    "$PY" bench.py --device cuda --quick --data_root "$DATA" --out "$OUT/bench.json"
+  section "bench --only_steps" "$(( T_BENCH < $(left) ? T_BENCH : $(left) ))" bench.log -- \
+    "$PY" bench.py --device cuda --only_steps --out "$OUT/bench.json"
 else
   section "bench (dry run: --help only)" 60 bench.log -- "$PY" bench.py --help
 fi
