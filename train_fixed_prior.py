@@ -129,8 +129,8 @@ def get_args_parser():
     g("--compile", action="store_true", help="torch.compile the clip encoder and decoder for training, and the validation metrics")
     g("--conv_layouts", default="auto", choices=["auto", "off"],
       help="auto: each convolution of the batched training rollout in NCHW or channels-last, whichever a short "
-           "measurement at the start (a few seconds) finds faster on this machine; printed, saved in the run's args "
-           "(conv_layouts_chosen) and reused on resume. The same function, rounded per kernel: for two runs that must "
+           "measurement at the start (a few seconds) finds faster on this machine; printed, saved in every checkpoint "
+           "(conv_layouts) and reused on resume. The same function, rounded per kernel: for two runs that must "
            "agree bit for bit use off (every convolution NCHW, or all channels-last with --channels_last)")
     g("--sync_every", type=int, default=0,
       help="read the loss and the non-finite-step count on the host every N iterations (logging, skipped-step "
@@ -282,14 +282,15 @@ def kl_loss(out, free_bits):
     return out["kl"].clamp_min(free_bits).sum() + out["kl_levels"][1:].sum() if free_bits > 0 else out["kld"]
 
 
-def choose_conv_layouts(model, args, device, main_proc, world=1):
+def choose_conv_layouts(model, args, device, main_proc, world=1, resume=None):
     """--conv_layouts auto: mark the convolutions that run faster in channels-last on this machine
     (models.fast.choose_conv_layouts, measured on the run's batch shape and precision), or reuse the choice a
-    resumed run saved, so that a resume computes what the interrupted run did. Sets args.conv_layouts_chosen."""
+    resumed run saved, so that a resume computes what the interrupted run did. Returns the choice, which
+    every checkpoint saves beside the run's args ("conv_layouts"; not among the args, which compare.py groups
+    runs by: two seeds' measurements may differ)."""
     if args.conv_layouts != "auto" or args.channels_last or args.rollout != "batched":
-        args.conv_layouts_chosen = []
-        return
-    chosen = getattr(args, "conv_layouts_chosen", None)
+        return []
+    chosen = resume[1].get("conv_layouts") if resume is not None else None
     how = "saved by the run"
     if chosen is None:
         T = args.n_past + args.n_future
@@ -305,10 +306,10 @@ def choose_conv_layouts(model, args, device, main_proc, world=1):
             dist.broadcast_object_list(box, src=0)
             chosen = box[0]
     fast.set_conv_layouts(model, chosen)
-    args.conv_layouts_chosen = list(chosen)
     if main_proc:
         print(f"[conv layouts] channels-last for {len(chosen)} convolution(s) on this {device.type} ({how}): "
               f"{', '.join(chosen) or 'none'}")
+    return list(chosen)
 
 
 def load_data(args, world, main_proc):
@@ -397,6 +398,7 @@ def save_checkpoint(path, model, optimizer, scaler, args, run, world, collective
         "args": vars(args), "arch": {k: getattr(args, k) for k in ARCH_KEYS},
         "epoch": run.epoch, "epoch_it": run.epoch_it, "step": run.step, "tfr": run.tfr, "best_psnr": run.best_psnr,
         "epoch_sums": run.epoch_sums, "skipped_steps": run.skipped, "world_size": world, "rng": rngs,
+        "conv_layouts": getattr(run, "conv_layouts", []),
         "rank_param_checksums": checksums})
 
 
@@ -559,7 +561,7 @@ def main(argv=None):
     # Polyak averaging: a copy of the model whose weights trail the trained ones (update_ema after each step)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     run = restore(resume, model, optimizer, scaler, args, ema)
-    choose_conv_layouts(model, args, device, main_proc, world)
+    run.conv_layouts = choose_conv_layouts(model, args, device, main_proc, world, resume)
     if args.compile:
         fast.compile_rollout()
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model

@@ -110,7 +110,7 @@ def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     resumed = train.main(["--model_dir", str(tmp_path / "b" / os.path.basename(full))])
     a, b = _params(os.path.join(full, "last.pth")), _params(os.path.join(resumed, "last.pth"))
     assert a["step"] == b["step"] == 6
-    assert len(measured) == 2 and a["args"]["conv_layouts_chosen"] == b["args"]["conv_layouts_chosen"] == ["encoder.c1.0.0:conv"]
+    assert len(measured) == 2 and a["conv_layouts"] == b["conv_layouts"] == ["encoder.c1.0.0:conv"]
     for key in ("model", "train_model") if a["train_model"] is not None else ("model",):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
