@@ -223,9 +223,9 @@ def svg_table(res, args, n_past, n_future, trained_n_future):
         lines.append(f"{key.upper():<8}" + "".join(f"{c:>22}" for c in cells) + f"{res['copy_last_' + key]:>12.4f}")
     for form, f in res["fvd"].items():
         frames = n_future if form == "predicted" else n_past + n_future
-        spread = (f"mean {f['samples_mean']:.1f} +- {f['samples_std']:.1f} over {len(f['per_sample'])} samples"
-                  if "samples_mean" in f else f"sample 0: {f['fvd']:.1f}")
-        lines.append(f"FVD ({form}, {frames} frames): {spread}; sample 0 {f['fvd']:.1f}; copy-last {f['copy_last_fvd']:.1f}")
+        spread = (f"mean {f['samples_mean']:.1f} +- {f['samples_std']:.1f} over {len(f['per_sample'])} samples; "
+                  if "samples_mean" in f else "")
+        lines.append(f"FVD ({form}, {frames} frames): {spread}sample 0 {f['fvd']:.1f}; copy-last {f['copy_last_fvd']:.1f}")
     return "\n".join(lines)
 
 
