@@ -27,7 +27,7 @@ Without --data_root a small data set is generated in a temporary directory (make
 random PNG/CSV files otherwise). Where a figure is extrapolated (a subset scaled up, a smaller batch scaled by
 its FLOP count) the table and bench.json say so.
 """
-import runtime  # noqa: F401  (first, as the entry points: sets the OpenMP wait policy before torch loads)
+import runtime  # first, as in the entry points: sets the OpenMP wait policy before torch loads
 
 import argparse
 import functools
@@ -111,12 +111,12 @@ PLANS = {
     "full": dict(data=(64, 32, 32), cache_reads=2000, png_reads=60, headline_batch=12,
                  train=[(12, 1, 3, None), (24, 0, 1, (REFERENCE, "best fp32"))],
                  bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32,
-                 eval_configs=((32, False, False), (32, False, True)),
+                 eval_configs=((32, False, "direct"), (32, False, "rule"), (32, False, "auto"), (32, False, "auto cached")),
                  metric_seqs=256, metric_repeats=3, finn_seqs=16, conv_repeats=3,
                  recipe_rounds={"demo/long recipe (width 8, batch 4, FiLM, EMA)": (5, 3), "full width (batch 12)": (2, 1)}),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
                   train=[(2, 1, 2, None)], bf16=("bf16 batched CL",), eval_seqs=16,
-                  eval_configs=((16, False, False), (16, False, True)),
+                  eval_configs=((16, False, "direct"), (16, False, "rule"), (16, False, "auto"), (16, False, "auto cached")),
                   metric_seqs=32, metric_repeats=3, finn_seqs=4, conv_repeats=2,
                   recipe_rounds={"demo/long recipe (width 8, batch 4, FiLM, EMA)": (3, 2), "full width (batch 12)": (0, 0)}),
 }
@@ -135,6 +135,9 @@ def get_args_parser():
     p.add_argument("--only_steps", action="store_true",
                    help="only the peak, the recipes' iterations (before vs after, where the time goes) and the "
                         "roofline of the model's own convolutions (sections 0, 7, 8)")
+    p.add_argument("--only_eval", action="store_true",
+                   help="only the peak and the full-width evaluation with each choice of inference convolution "
+                        "algorithms: direct, the fixed rule, measured on this host (sections 0 and 4)")
     return p
 
 
@@ -189,16 +192,7 @@ class CpuMonitor:
 
 
 def machine_info(device):
-    flags, model = set(), platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = runtime.cpu_info()
     return {
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -406,9 +400,13 @@ def bench_eval(data_root, cache_dir, device, plan, log):
     test = bair_robot_pushing_dataset(dataset_args(data_root, cache_dir, n_eval=0), "test")
     n = min(len(test), 256, plan["eval_seqs"])
     subset = torch.utils.data.Subset(test, range(n))
-    res, default = {}, fast.WINOGRAD
-    for bs, channels_last, winograd in plan["eval_configs"]:
-        fast.WINOGRAD = winograd  # Winograd 3x3 convolutions where they pay (models/fast.py)
+    res, user_cache = {}, evaluation.ALGORITHM_CACHE
+    evaluation.ALGORITHM_CACHE = os.path.join(cache_dir, "conv_algorithms.json")  # starts empty
+    for bs, channels_last, algorithms in plan["eval_configs"]:
+        # direct: no Winograd; rule: models.fast._algorithm_rule (fixed, from an AVX2 host); auto: measured per
+        # layer shape on this host at the start of the evaluation, the measurement inside the timed region;
+        # "auto cached": a later process on this host, which reads that measurement from the cache file
+        evaluation._MEASURED.clear()
         torch.manual_seed(0)
         model = CVAE().to(device)
         if channels_last:
@@ -416,21 +414,31 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         model.eval()
         with torch.no_grad():  # warm-up: the same batch shapes on a 3-frame clip
             b = min(bs, n)
+            fast.set_inference_algorithms({} if algorithms == "direct" else None)
             fast.predict(model, torch.rand(b, N_PAST, 3, 64, 64, device=device), torch.zeros(b, 3, 7, device=device),
                          N_PAST, 1)
         sync(device)
         t0 = time.perf_counter()
-        out = evaluation.evaluate(model, subset, N_PAST, N_FUTURE, device, batch_size=bs)
+        out = evaluation.evaluate(model, subset, N_PAST, N_FUTURE, device, batch_size=bs,
+                                  algorithms=algorithms.split()[0])
         sync(device)
         sec = time.perf_counter() - t0
         assert out["n_sequences"] == n
-        name = f"eval bs{bs}" + (" CL" if channels_last else "") + (" winograd" if winograd else " direct")
-        res[name] = {"batch_size": bs, "channels_last": channels_last, "winograd": winograd, "sequences_timed": n, "s": sec,
-                     "s_256": sec * 256 / n, "scaled_from": None if n == 256 else n}
-        log(f"  {name}: {sec:.1f} s for {n} sequences -> {sec * 256 / n:.1f} s for 256")
+        name = f"eval bs{bs}" + (" CL" if channels_last else "") + f" {algorithms}"
+        chosen = out["inference_algorithms"] if algorithms.startswith("auto") else None
+        choose_s = out["inference_algorithms_s"]  # once per evaluation, not per sequence: not scaled
+        s_256 = (sec - choose_s) * 256 / n + choose_s
+        res[name] = {"batch_size": bs, "channels_last": channels_last, "algorithms": algorithms, "sequences_timed": n,
+                     "s": sec, "s_256": s_256, "scaled_from": None if n == 256 else n, "chosen": chosen,
+                     "choose_s": choose_s, "psnr": out["psnr"]}
+        log(f"  {name}: {sec:.1f} s for {n} sequences ({choose_s:.1f} s of it choosing the algorithms) -> {s_256:.1f} s "
+            f"for 256 (PSNR {out['psnr']:.5f})"
+            + (f"; Winograd for {', '.join(f'{k} {v}' for k, v in chosen.items() if v != 'direct') or 'no layer'}"
+               if chosen is not None else ""))
         del model
         gc.collect()
-    fast.WINOGRAD = default
+    fast.set_inference_algorithms(None)
+    evaluation.ALGORITHM_CACHE = user_cache
     return res
 
 
@@ -783,8 +791,8 @@ def make_table(plan, loader, train, peak, evals, metrics):
         note = f", {rec['sequences_timed']} seq x {256 / rec['sequences_timed']:g}" if rec["scaled_from"] else ""
         row(f"{name}: 256 test seq (s{note})", rec["s_256"], 120.0, rec["s_256"] / 120, "< 120 s", rec["s_256"] < 120)
     for name, rec in evals.items():
-        direct = evals.get(name.replace(" winograd", " direct"))
-        if rec["winograd"] and direct:
+        direct = evals.get(name.replace(" " + rec["algorithms"], " direct"))
+        if rec["algorithms"] != "direct" and direct:
             row(f"{name} vs direct (s for 256)", rec["s_256"], direct["s_256"], direct["s_256"] / rec["s_256"])
     # 5. metrics: the target applies to the faster path, as for the training step
     fastest = min(("eager", "compiled"), key=lambda k: metrics[f"{k}_s"])
@@ -881,6 +889,25 @@ def main(args):
                   "bf16_native": bf16_native, "other_processes_cores": contention, "section_s": section_s,
                   "peak_flops": peak, "recipes": recipes, "conv_roofline": roofline,
                   "wall_s": time.perf_counter() - t_start}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        log(f"\nwrote {args.out} ({result['wall_s']:.0f} s wall)")
+        return result
+
+    if args.only_eval:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            data_root = args.data_root or os.path.join(tmp, "data")
+            if not args.data_root:
+                make_dataset(data_root, plan["data"])
+            peak = section("0. peak FLOP/s", bench_peak, device, bf16_native)
+            evals = section("4. evaluation (evaluation.evaluate, n_past 2, n_future 10)", bench_eval, data_root,
+                            os.path.join(tmp, "cache"), device, plan, log)
+        fastest = min(evals, key=lambda k: evals[k]["s_256"])
+        for name, rec in evals.items():
+            log(f"  {name}: {rec['s_256']:.1f} s for 256 sequences, {evals[fastest]['s_256'] / rec['s_256']:.2f}x "
+                f"the fastest ({fastest}); host fp32 peak {peak['fp32']['peak'] / 1e9:.1f} GFLOP/s")
+        result = {"mode": ("quick" if args.quick else "full") + " --only_eval", "machine": info, "peak_flops": peak,
+                  "other_processes_cores": contention, "evals": evals, "wall_s": time.perf_counter() - t_start}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
         log(f"\nwrote {args.out} ({result['wall_s']:.0f} s wall)")

@@ -43,7 +43,8 @@ from run_log import read_metrics
 # Flags that never change what a run computes (where it reads or writes, how fast, what it prints), and
 # the seed, which is what repeats of one configuration differ in.
 NOT_CONFIG = {"log_dir", "model_dir", "data_root", "cache_dir", "num_workers", "no_progress", "device", "cuda",
-              "seed", "eval_batch_size", "plot_every", "save_every", "no_cache", "fvd_every"}
+              "seed", "eval_batch_size", "plot_every", "save_every", "no_cache", "fvd_every", "conv_layouts",
+              "sync_every"}
 TESTS = {"real": "test", "shuffled": "test_shuffled"}
 # test.py --n_samples N --out <run>/test_samples: best of N prior samples, read when present (experiments.py
 # --n_samples writes it).

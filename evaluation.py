@@ -12,14 +12,17 @@ its mean over the predicted frames, mean and worst of N, 95% confidence interval
     python -c "import evaluation; help(evaluation.evaluate)"
 """
 import itertools
+import json
 import math
+import os
+import time
 
 import numpy as np
 import torch
 
 from metrics import batch_metrics, batch_psnr
 from models import fast
-from runtime import autocast
+from runtime import autocast, cpu_info
 
 
 def sequence_noise(indices, steps, z_dim, seed, device, sample=0, spatial=()):
@@ -67,9 +70,10 @@ def cond_ablation(dataset, mode, seed):
 
 
 @torch.no_grad()
+@fast.keeps_inference_algorithms
 def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_workers=0, seed=1, amp="off",
              cond_mode="real", keep=(), compile_metrics=False, n_samples=1, lpips=None, diversity_samples=0,
-             fvd_scorer=None, fvd_ref=None, fvd_samples=1, sample_rows=256):
+             fvd_scorer=None, fvd_ref=None, fvd_samples=1, sample_rows=256, algorithms="auto"):
     """Score `model` on every sequence of `dataset`, each exactly once, in order (see the module docstring).
 
     keep: sequence indices whose clips are returned for pictures: (gt, given + predicted frames) and, with
@@ -83,10 +87,19 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         samples against the real clips, for the predicted frames and for the whole clip (fvd.summarize).
     sample_rows: with n_samples > 1, about this many rows (samples x sequences) per rollout call; it does
         not change the result.
+    algorithms: how each 3x3 convolution's algorithm (direct or Winograd, models.fast.conv3x3) is chosen
+        in fp32 CPU inference: "auto" measures the model's layer shapes at this batch size once per process
+        (choose_inference_algorithms; a few seconds at full width), "rule" takes the fixed rule of
+        models.fast._algorithm_rule, "direct" the direct algorithm everywhere. The choice is returned
+        ("inference_algorithms", and the seconds it took, "inference_algorithms_s"); it changes the rounding
+        (~1e-5 per layer), not the function.
     BatchNorm runs in eval mode, folded into the layers before it (models.fast.inference_copy: `model`
     itself is not touched).
     """
     import fvd as fvd_module
+    t_choose = time.perf_counter()
+    chosen = choose_algorithms(model, dataset, n_past, batch_size, device, amp, algorithms)
+    t_choose = time.perf_counter() - t_choose
     model = fast.inference_copy(model)
     loader = torch.utils.data.DataLoader(cond_ablation(dataset, cond_mode, seed), batch_size=batch_size,
                                          shuffle=False, drop_last=False, num_workers=num_workers)
@@ -166,7 +179,8 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         "psnr_std": graded_psnr.mean(1).std(unbiased=False).item(), "n_sequences": psnr.shape[0],
         "copy_last_psnr": copy_psnr.mean().item(), "copy_last_psnr_per_step": copy_psnr.mean(0).tolist(),
         "copy_last_ssim": torch.cat(copy_ssim).mean().item(),
-        "per_sequence_psnr": graded_psnr.mean(1).tolist(), "clips": kept,
+        "per_sequence_psnr": graded_psnr.mean(1).tolist(), "clips": kept, "inference_algorithms": chosen,
+        "inference_algorithms_s": t_choose,
     }
     if lpips is not None:
         out["lpips"] = torch.cat(scores["lpips"])[:, 0].mean().item()
@@ -184,6 +198,54 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
             summary["diversity_samples"] = n_div
         out["samples"] = summary
     return out
+
+
+_MEASURED = {}  # {algorithm_key: algorithm} measured in this process, at the first batch size that needed it
+# Where measured choices are kept between processes, one entry per (CPU, threads, torch, batch): under
+# $SVG_CVAE_CACHE, else ~/.cache/svg-cvae; "" keeps them in the process only. Delete the file to measure again.
+ALGORITHM_CACHE = os.path.join(os.environ.get("SVG_CVAE_CACHE") or os.path.expanduser("~/.cache/svg-cvae"),
+                               "conv_algorithms.json")
+
+
+def choose_algorithms(model, dataset, n_past, batch_size, device, amp="off", how="auto"):
+    """Set the 3x3 inference algorithms for evaluate (see its `algorithms`) and return them ({layer shape:
+    algorithm}; {} where no choice applies: CUDA, reduced precision, models.fast.WINOGRAD off). "auto" times
+    only layer shapes not measured before, in this process or (ALGORITHM_CACHE) on this machine at this batch
+    size, on random frames (the run's RNG untouched), and stores what it measured."""
+    if device.type != "cpu" or amp != "off" or not fast.WINOGRAD or how == "direct":
+        fast.set_inference_algorithms({})  # a layer not in the choice runs direct
+        return {}
+    if how == "rule":
+        fast.set_inference_algorithms(None)
+        return {"rule": "models.fast._algorithm_rule"}
+    B = min(batch_size, len(dataset))
+    host = f"{cpu_info()[0]} | {torch.get_num_threads()} threads | torch {torch.__version__} | batch {B}"
+    stored = _read_algorithm_cache()
+    known = {**stored.get(host, {}), **_MEASURED}
+    frames = torch.rand(B, n_past, *dataset[0][0].shape[1:], device=device)  # (B, n_past, C, H, W)
+    conds = torch.zeros(B, n_past + 1, model.cond_dim, device=device) if model.cond_dim else None
+    with torch.random.fork_rng(devices=[]):
+        new, _ = fast.choose_inference_algorithms(model, frames, conds, n_past, known=known)
+    _MEASURED.update(known, **new)
+    if new and ALGORITHM_CACHE:
+        stored[host] = {**stored.get(host, {}), **new}
+        try:
+            os.makedirs(os.path.dirname(ALGORITHM_CACHE), exist_ok=True)
+            with open(ALGORITHM_CACHE + ".tmp", "w") as f:
+                json.dump(stored, f, indent=1)
+            os.replace(ALGORITHM_CACHE + ".tmp", ALGORITHM_CACHE)
+        except OSError:
+            pass  # a read-only home: the choice holds for this process
+    fast.set_inference_algorithms(_MEASURED)
+    return dict(_MEASURED)
+
+
+def _read_algorithm_cache():
+    try:
+        with open(ALGORITHM_CACHE) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
 
 
 def _sample_rollouts(model, given, conds, n_past, n_future, offset, seed, n_samples, amp, rows):

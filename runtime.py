@@ -43,16 +43,27 @@ def choose_device(device="auto", local_rank=0):
     return torch.device("cpu")
 
 
-def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none, e.g. macOS)."""
+def cpu_info():
+    """(model name, feature flags) of the CPU from /proc/cpuinfo; platform.processor() and an empty set where
+    there is none (e.g. macOS)."""
+    import platform
+    model, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return set()
+    return model, flags
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none, e.g. macOS)."""
+    return cpu_info()[1]
 
 
 def resolve_amp(amp, device):

@@ -74,6 +74,11 @@ def get_args_parser():
                    help="I3D activation layout; auto: the faster of the two on this device, measured once")
     p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision for inference; auto = bf16 where the device has native bf16, else off")
+    p.add_argument("--conv_algorithms", default="auto", choices=["auto", "rule", "direct"],
+                   help="3x3 convolutions in fp32 CPU inference: auto = per layer shape, direct or Winograd, whichever a "
+                        "short measurement at the start (a few seconds at full width) finds faster on this machine; "
+                        "rule = the fixed rule measured on an AVX2 CPU; direct = no Winograd. Printed and saved in "
+                        "metrics.json; it moves the rounding (~1e-5 per layer), not the function")
     p.add_argument("--compile_metrics", action="store_true",
                    help="score with torch.compile'd PSNR/SSIM: 3-4x faster metrics after 5-10 s of "
                         "compilation (needs a C++ compiler), so it pays off from a few thousand sequences")
@@ -168,7 +173,7 @@ def main(argv=None):
                               args.num_workers, seed, args.amp, args.cond_mode, keep=(args.gif_index,),
                               compile_metrics=args.compile_metrics, n_samples=args.n_samples, lpips=lpips,
                               diversity_samples=args.diversity_samples, fvd_scorer=fvd_scorer, fvd_ref=fvd_ref,
-                              fvd_samples=args.fvd_samples)
+                              fvd_samples=args.fvd_samples, algorithms=args.conv_algorithms)
     seconds = time.time() - t0
     default_out = ("test" if args.cond_mode == "real" else f"test_{args.cond_mode}") + ("_svg" if svg else "")
     out = args.out or os.path.join(args.model_dir, default_out)
@@ -186,7 +191,13 @@ def main(argv=None):
                "n_past": n_past, "n_future": n_future, "trained_n_future": train_args["n_future"],
                "seconds": round(seconds, 1), "fvd_reference_seconds": round(t_ref, 1) if args.fvd else None,
                "fvd_layout": fvd_scorer.memory_format if fvd_scorer else None}
+    metrics["conv_algorithms"] = args.conv_algorithms
     checkpoints.write_json(os.path.join(out, "metrics.json"), metrics)
+    algos = res["inference_algorithms"]
+    if args.conv_algorithms == "auto" and algos:
+        winograd = {k: v for k, v in algos.items() if v != "direct"}
+        print(f"[conv algorithms] measured on this {device.type}: Winograd for {len(winograd)} of {len(algos)} 3x3 "
+              f"layer shapes ({', '.join(f'{k} {v}' for k, v in winograd.items()) or 'none'}), direct for the rest")
     if svg:
         print(svg_table(res, args, n_past, n_future, train_args["n_future"]))
     print(f"test psnr: {res['psnr']:.4f}")

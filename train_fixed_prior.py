@@ -121,8 +121,9 @@ def get_args_parser():
     g("--cuda", action="store_true", help="require CUDA (same as --device cuda)")
     g("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
     g("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
-      help="mixed precision: auto = bf16 where the device has native bf16 (CUDA, AVX-512-BF16/AMX CPUs), else off; "
-           "the choice is saved in the run's args (fp16 only on CUDA)")
+      help="mixed precision: auto = bf16 on a CUDA GPU that has it; on a CPU with bf16 units (AVX-512-BF16, AMX) "
+           "bf16 where one timed training rollout in each precision finds it faster, else off; printed and saved "
+           "resolved in the run's args (fp16 only on CUDA)")
     g("--channels_last", action="store_true", help="channels-last memory format for the convolutions")
     g("--rollout", default="batched", choices=["batched", "per_step"],
       help="under teacher forcing, models.fast.forward_batched (batched) or the plain CVAE.forward (per_step)")
@@ -280,6 +281,34 @@ def kl_loss(out, free_bits):
     dimension's KL, per step and averaged over the batch, counted as at least `free_bits` nats; the spatial
     latent levels' KL (out["kl_levels"][1:]) counts in full."""
     return out["kl"].clamp_min(free_bits).sum() + out["kl_levels"][1:].sum() if free_bits > 0 else out["kld"]
+
+
+def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1):
+    """--amp auto: the precision of this run, decided on this machine. A CPU with bf16 units (AVX-512-BF16,
+    AMX) times one training rollout of the run's shapes in fp32 and under bf16 autocast
+    (models.fast.time_training_rollout) and takes bf16 where it is faster by min_gain: at small widths,
+    or on a CPU busy with other work, bf16's casts can cost more than its kernels save. Elsewhere the rule
+    of runtime.resolve_amp (bf16 on a CUDA GPU that has it; off on a CPU that would emulate bf16, 7-19x
+    slower). Printed; the caller saves it in the run's args. Other values are returned unchanged."""
+    if args.amp != "auto":
+        return args.amp
+    amp, how = runtime.resolve_amp("auto", device), "by the device's bf16 support"
+    if amp == "bf16" and device.type == "cpu":
+        T = args.n_past + args.n_future
+        frames = torch.rand(args.batch_size, T, 3, 64, 64, device=device)
+        conds = torch.randn(args.batch_size, T, model.cond_dim, device=device)
+        with torch.random.fork_rng(devices=[]):  # the run's RNG untouched
+            sec = {a: fast.time_training_rollout(model, frames, conds, args.n_past, lambda a=a: runtime.autocast(device, a))
+                   for a in ("off", "bf16")}
+        amp = "bf16" if sec["bf16"] < (1 - min_gain) * sec["off"] else "off"
+        how = f"measured: one training rollout {sec['off']:.3f} s in fp32, {sec['bf16']:.3f} s in bf16"
+        if world > 1:  # every rank takes rank 0's choice
+            box = [amp]
+            dist.broadcast_object_list(box, src=0)
+            amp = box[0]
+    if main_proc:
+        print(f"[amp] auto -> {amp} on {device} ({how})")
+    return amp
 
 
 def choose_conv_layouts(model, args, device, main_proc, world=1, resume=None):
@@ -541,10 +570,6 @@ def main(argv=None):
             fvd_scorer(device)  # fails now, not at the first FVD validation
         except ModuleNotFoundError as e:
             parser.error(f"--fvd_every: {e}")
-    if args.amp == "auto":
-        args.amp = runtime.resolve_amp("auto", device)  # saved resolved, so a resume keeps the choice
-        if main_proc:
-            print(f"[amp] auto -> {args.amp} on {device}")
     # Python's RNG draws the teacher-forcing coin (same on every rank); torch's draws z noise (per rank).
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -561,6 +586,7 @@ def main(argv=None):
     # Polyak averaging: a copy of the model whose weights trail the trained ones (update_ema after each step)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     run = restore(resume, model, optimizer, scaler, args, ema)
+    args.amp = choose_amp(model, args, device, main_proc, world)  # saved resolved, so a resume keeps the choice
     run.conv_layouts = choose_conv_layouts(model, args, device, main_proc, world, resume)
     if args.compile:
         fast.compile_rollout()

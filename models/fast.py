@@ -53,6 +53,9 @@ from .vgg_64 import CondConv2d, vgg_layer
 # Inference convolutions through Winograd algorithms where that is faster (see conv3x3).
 # Set to False for the direct algorithm everywhere.
 WINOGRAD = True
+# Each 3x3 layer shape's algorithm as measured on this host (set_inference_algorithms), or None for the rule.
+ALGORITHMS = None
+_RECORD_3X3 = None  # while choose_inference_algorithms records: {algorithm_key: (input, weight, bias)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,23 +379,26 @@ def choose_conv_layouts(model, frames, conds, n_past, amp_context=contextlib.nul
                 with amp_context():
                     y = fn(xin.contiguous(memory_format=torch.channels_last)).contiguous() if cl else fn(xin)
                 y.backward(torch.ones_like(y))
-            t0 = time.perf_counter()
-            step()  # warm-up (primitive creation), which also says how long a call takes
-            best = float("inf")
-            for _ in range(repeats if time.perf_counter() - t0 < 0.05 else 1):  # one timed call for slow layers
-                if frames.device.type == "cuda":
-                    torch.cuda.synchronize(frames.device)
-                t0 = time.perf_counter()
-                step()
-                if frames.device.type == "cuda":
-                    torch.cuda.synchronize(frames.device)
-                best = min(best, time.perf_counter() - t0)
-            runs.append(best)
+            runs.append(best_time(step, frames.device, repeats))
         name = f"{names[module]}:{role}"
         times[name] = tuple(runs)
         if runs[1] < (1 - min_gain) * runs[0]:
             chosen.append(name)
     return chosen, times
+
+
+def time_training_rollout(model, frames, conds, n_past, amp_context=contextlib.nullcontext, repeats=2):
+    """Seconds of one training rollout (forward_batched and the backward of its losses) of a copy of `model`
+    on (frames, conds) under amp_context, best_time of `repeats`: what --amp auto compares between
+    precisions. `model` and its BatchNorm statistics are not changed."""
+    probe = copy.deepcopy(model).train()
+
+    def step():
+        with amp_context():
+            out = forward_batched(probe, frames, conds, n_past)
+        (out["mse"] + out["kld"]).backward()
+        probe.zero_grad(set_to_none=True)
+    return best_time(step, frames.device, repeats)
 
 
 def batch_norm_per_step(bn, x, steps):
@@ -480,7 +486,7 @@ def conv3x3(x, weight, bias=None, transformed=None):
     """F.conv2d(x, weight, bias, padding=1) for 3x3 kernels, with faster algorithms for CPU inference.
 
     Without autograd, on fp32 CPU tensors in NCHW layout and outside autocast, the layers where it pays
-    (_algorithm) use a Winograd convolution (Lavin & Gray 2016), which needs several times fewer
+    (_algorithm: measured per host, or a rule) use a Winograd convolution (Lavin & Gray 2016), which needs several times fewer
     multiplications than the direct algorithm for 3x3 kernels: NNPACK's F(6x6, 3x3) on maps of 16x16
     and larger, our F(4x4, 3x3) (winograd_f4) on 8x8 maps, where NNPACK's 8x8 tiles would cover a
     12x12 area. The rounding differs from the direct algorithm's (~1e-5 relative per layer, tested).
@@ -491,7 +497,9 @@ def conv3x3(x, weight, bias=None, transformed=None):
     if (WINOGRAD and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu")):
-        algorithm = _algorithm(x.shape[1], *x.shape[-2:])
+        if _RECORD_3X3 is not None:
+            _RECORD_3X3.setdefault(algorithm_key(x.shape[1], weight.shape[0], *x.shape[-2:]), (x, weight, bias))
+        algorithm = _algorithm(x.shape[1], weight.shape[0], *x.shape[-2:])
         if algorithm == "f4":
             return winograd_f4(x, transformed() if transformed else winograd_f4_weight(weight), bias)
         if algorithm == "nnpack":
@@ -511,18 +519,134 @@ def _f4_weight(conv):
     return cached[2]
 
 
-def _algorithm(c_in, h, w):
-    """The 3x3 convolution algorithm measured fastest on a 2-core AVX2 CPU at evaluation batch sizes:
-    "f4" for at least 256 input channels on 8x8 maps (1.7-1.8x faster than NNPACK there), "nnpack" for
-    at least 64 on 32x32 maps and larger or 128 on 16x16 (our F(4x4) loses there: its transforms are
-    memory-bound torch ops), "direct" otherwise. The choice depends on the layer only, never on the
-    batch, so a sequence's prediction does not depend on the batch it is in."""
+def _algorithm(c_in, c_out, h, w):
+    """The 3x3 inference algorithm of a layer: the one choose_inference_algorithms measured fastest on this
+    host where set_inference_algorithms was given its choice, else _algorithm_rule. The choice depends on the
+    layer only, never on the batch, so a sequence's prediction does not depend on the batch it is in."""
+    if ALGORITHMS is not None:
+        return ALGORITHMS.get(algorithm_key(c_in, c_out, h, w), "direct")
+    return _algorithm_rule(c_in, h, w)
+
+
+def algorithm_key(c_in, c_out, h, w):
+    return f"{c_in}->{c_out}@{h}x{w}"
+
+
+def _algorithm_rule(c_in, h, w):
+    """The rule measured fastest on a 2-core AVX2 CPU at evaluation batch sizes, for callers that do not
+    measure: "f4" for at least 256 input channels on 8x8 maps (1.7-1.8x faster than NNPACK there), "nnpack"
+    for at least 64 on 32x32 maps and larger or 128 on 16x16 (our F(4x4) loses there: its transforms are
+    memory-bound torch ops), "direct" otherwise. Other CPUs differ (on an AMX host the direct kernels won
+    everywhere), which is why evaluation.evaluate measures instead."""
     if c_in >= 256 and h == w == 8:
         return "f4"
     size = min(h, w)
     if ((c_in >= 64 and size >= 32) or (c_in >= 128 and size >= 16)) and _nnpack_available():
         return "nnpack"
     return "direct"
+
+
+def set_inference_algorithms(choice):
+    """Use `choice` ({algorithm_key: "direct" | "nnpack" | "f4"}, as choose_inference_algorithms returns it;
+    a layer not in it runs direct) for every CPU inference convolution from now on; None: back to the rule."""
+    global ALGORITHMS
+    ALGORITHMS = None if choice is None else dict(choice)
+
+
+def keeps_inference_algorithms(fn):
+    """Decorator: whatever set_inference_algorithms setting fn makes lasts only for the call."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = ALGORITHMS
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_inference_algorithms(previous)
+    return wrapper
+
+
+def choose_inference_algorithms(model, frames, conds, n_past, n_future=1, repeats=2, min_gain=0.1, known=(),
+                                screen_rows=4, screen_loss=1.5):
+    """Which algorithm computes each 3x3 convolution of CPU inference fastest on this host.
+
+    One predict of inference_copy(model) on (frames, conds) records every distinct 3x3 layer shape (c_in,
+    c_out, H, W) with its input at this batch (one predicted frame already runs every layer). Each shape is
+    timed alone in every algorithm that applies: "direct" F.conv2d; "nnpack", NNPACK's Winograd F(6x6, 3x3),
+    where PyTorch has it; "f4", our Winograd F(4x4, 3x3), on maps whose sides are multiples of 4, its weight
+    transform precomputed as a frozen layer keeps it. The timing is in two rounds so that it costs a few
+    seconds, not tens: a screen on `screen_rows` rows drops every Winograd algorithm more than `screen_loss`
+    times slower than the fastest there (our F(4x4) on large maps, which is memory-bound and can lose 5x),
+    then the rest run on the recorded batch, interleaved so that a burst of load on the machine hits them
+    all alike, best of `repeats` after a warm-up. A Winograd algorithm is chosen only where it beats the
+    direct one by min_gain, so that timing noise does not trade exact-as-possible rounding for nothing.
+    `model` is not changed; apply the result with set_inference_algorithms. Layer shapes in `known` are not
+    timed again. Returns ({algorithm_key: algorithm}, {algorithm_key: {algorithm: seconds}}) for the shapes
+    timed (a screened-out algorithm's entry is its screen time scaled to the batch)."""
+    probe = inference_copy(model)
+    # the layer shapes first, from one row (cheap); the inputs at the batch only where a shape is new
+    if set(_record_3x3(probe, frames[:1], None if conds is None else conds[:1], n_past, n_future)) <= set(known):
+        return {}, {}
+    recorded = _record_3x3(probe, frames, conds, n_past, n_future)
+    choice, times = {}, {}
+    with torch.no_grad():
+        for key, (x, weight, bias) in recorded.items():
+            if key in known:
+                continue
+            x, weight = x.contiguous(), weight.contiguous()
+            u = winograd_f4_weight(weight) if x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0 else None
+
+            def runs(x):
+                out = {"direct": lambda: F.conv2d(x, weight, bias, padding=1)}
+                if _nnpack_available():
+                    out["nnpack"] = lambda: torch._nnpack_spatial_convolution(x, weight, bias, [1, 1])
+                if u is not None:
+                    out["f4"] = lambda: winograd_f4(x, u, bias)
+                return out
+            small = x[:screen_rows].contiguous()
+            screen = {name: best_time(fn, x.device, 1) for name, fn in runs(small).items()}
+            keep = {name: fn for name, fn in runs(x).items()
+                    if name == "direct" or screen[name] <= screen_loss * min(screen.values())}
+            best = dict.fromkeys(keep, float("inf"))
+            for name, fn in keep.items():
+                fn()  # warm-up
+            for _ in range(repeats):
+                for name, fn in keep.items():
+                    best[name] = min(best[name], best_time(fn, x.device, 0))
+            scale = x.shape[0] / small.shape[0]
+            times[key] = {name: best.get(name, screen[name] * scale) for name in screen}
+            fastest = min(best, key=best.get)
+            choice[key] = fastest if best[fastest] < (1 - min_gain) * best["direct"] else "direct"
+    return choice, times
+
+
+def _record_3x3(model, frames, conds, n_past, n_future):
+    """{algorithm_key: (input, weight, bias)} of the first call of each 3x3 layer shape in a predict."""
+    global _RECORD_3X3
+    _RECORD_3X3 = {}
+    try:
+        with torch.no_grad():
+            predict(model, frames, conds, n_past, n_future)
+        return _RECORD_3X3
+    finally:
+        _RECORD_3X3 = None
+
+
+def best_time(fn, device, repeats=3, slow=0.05):
+    """The best of `repeats` timed calls of fn() after one warm-up (kernel selection, primitive creation),
+    or one timed call where the warm-up took over `slow` seconds; repeats=0: a single call, no warm-up.
+    Synchronised on CUDA."""
+    def once():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    if repeats == 0:  # one timed call, no warm-up
+        return once()
+    first = once()
+    return min(once() for _ in range(repeats if first < slow else 1))
 
 
 @functools.cache

@@ -2,12 +2,15 @@
 import os
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do: no spinning OpenMP threads
+# measured conv algorithms (evaluation.ALGORITHM_CACHE) of test runs and their subprocesses: not the user's cache
+os.environ["SVG_CVAE_CACHE"] = tempfile.mkdtemp(prefix="svg-cvae-tests-")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -9,7 +9,7 @@ import torch
 import evaluation
 import lpips_torch
 from dataset import bair_robot_pushing_dataset
-from models import CVAE
+from models import CVAE, fast
 
 
 def test_sequence_noise_depends_on_seed_sequence_and_sample_only():
@@ -103,3 +103,35 @@ def test_lpips_scores_and_diversity_against_a_naive_loop(sim_root, tmp_path):
     assert res["lpips"] == pytest.approx(torch.stack(to_gt)[:, 0].mean().item(), abs=1e-6)
     assert res["samples"]["diversity_lpips"] == pytest.approx(torch.stack(pairs).mean().item(), abs=1e-6)
     assert res["samples"]["diversity_lpips"] > 0
+
+
+def test_measured_conv_algorithms_score_as_the_direct_ones(sim_root, tmp_path, monkeypatch):
+    """evaluate(algorithms="auto") measures each 3x3 layer shape once per process and returns its choice; the
+    scores equal the direct algorithm's up to rounding; "direct" and "rule" need no measurement."""
+    monkeypatch.setattr(evaluation, "_MEASURED", {})
+    monkeypatch.setattr(evaluation, "ALGORITHM_CACHE", str(tmp_path / "conv_algorithms.json"))
+    monkeypatch.setattr(fast, "ALGORITHMS", None)
+    args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=3, n_eval=0, cache_dir=str(tmp_path), quiet=True)
+    ds = bair_robot_pushing_dataset(args, "test")
+    torch.manual_seed(0)
+    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=8, cond_embed_dim=4).eval()
+    cpu, measured = torch.device("cpu"), []
+    choose = fast.choose_inference_algorithms
+    monkeypatch.setattr(fast, "choose_inference_algorithms", lambda *a, **k: measured.append(a[1].shape) or choose(*a, **k))
+    auto = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3)
+    assert measured == [(3, 2, 3, 64, 64)] and "8->8@64x64" in auto["inference_algorithms"]
+    assert set(auto["inference_algorithms"].values()) <= {"direct", "nnpack", "f4"}
+    again = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=2)
+    assert again["inference_algorithms"] == auto["inference_algorithms"] and again["psnr"] == pytest.approx(auto["psnr"], abs=1e-6)
+    direct = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3, algorithms="direct")
+    assert direct["inference_algorithms"] == {} and direct["psnr"] == pytest.approx(auto["psnr"], abs=1e-4)
+    assert fast.ALGORITHMS is None  # each evaluation's choice lasts only for that evaluation
+    evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3, algorithms="rule")
+    assert len(measured) == 2  # the second call only recorded the shapes, all known: nothing timed
+    # a new process reads the choice from the cache file and times nothing
+    monkeypatch.setattr(evaluation, "_MEASURED", {})
+    timed = []
+    monkeypatch.setattr(fast, "best_time", lambda *a, **k: timed.append(1) or 1.0)
+    later = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3)
+    assert later["inference_algorithms"] == auto["inference_algorithms"] and later["psnr"] == auto["psnr"]
+    assert timed == []

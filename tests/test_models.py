@@ -89,6 +89,7 @@ def test_winograd_inference_matches_direct(monkeypatch):
     nnpack, f4 = torch._nnpack_spatial_convolution, fast.winograd_f4
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[0].shape) or nnpack(*a))
     monkeypatch.setattr(fast, "winograd_f4", lambda *a: f4_calls.append(a[0].shape) or f4(*a))
+    monkeypatch.setattr(fast, "ALGORITHMS", None)  # the rule, whatever an evaluation measured before
     model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=32).eval()  # 64-256 channels: some layers qualify
     frames, conds, noise = torch.rand(2, 4, 3, 64, 64), torch.randn(2, 4, 7), torch.randn(2, 3, 4)
     with torch.no_grad():
@@ -104,6 +105,35 @@ def test_winograd_inference_matches_direct(monkeypatch):
     monkeypatch.setattr(fast, "WINOGRAD", True)
     model(frames, conds, 2, batched=True)["mse"].backward()  # training keeps the direct algorithm
     assert len(calls) == n
+
+
+def test_measured_inference_algorithms_are_used_and_match_direct(monkeypatch):
+    """choose_inference_algorithms times every 3x3 layer shape of inference in each algorithm that applies and
+    picks per shape; set_inference_algorithms then routes each layer to its pick, whatever the rule says, and
+    the predictions stay those of the direct algorithm up to rounding."""
+    monkeypatch.setattr(fast, "ALGORITHMS", None)
+    model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=16).eval()
+    frames, conds, noise = torch.rand(2, 4, 3, 64, 64), torch.randn(2, 4, 7), torch.randn(2, 3, 4)
+    choice, times = fast.choose_inference_algorithms(model, frames, conds, 2, 2, repeats=1, screen_rows=1)
+    # every 3x3 layer of the encoder (64x64 to 8x8) and the decoder's skip terms, keyed by shape
+    assert {"3->16@64x64", "16->16@64x64", "32->32@32x32", "128->128@8x8"} <= set(choice) == set(times)
+    for key, algo in choice.items():
+        assert "direct" in times[key] and algo in times[key]
+        assert algo == "direct" or times[key][algo] < 0.9 * times[key]["direct"]
+    assert set(times["16->16@64x64"]) >= {"direct", "f4"}
+    assert fast.choose_inference_algorithms(model, frames, conds, 2, 2, known=choice) == ({}, {})
+    with torch.no_grad():
+        ref = fast.predict(model, frames, conds, 2, 2, noise)
+        f4_calls, f4 = [], fast.winograd_f4
+        monkeypatch.setattr(fast, "winograd_f4", lambda *a: f4_calls.append(a[0].shape) or f4(*a))
+        fast.set_inference_algorithms({key: "f4" for key in choice})  # f4 everywhere, the rule's 8x8 only
+        pred = fast.predict(model, frames, conds, 2, 2, noise)
+        assert {s[-3:] for s in f4_calls} >= {(16, 64, 64), (32, 32, 32), (128, 8, 8)}
+        fast.set_inference_algorithms({})  # nothing chosen: direct everywhere
+        n = len(f4_calls)
+        torch.testing.assert_close(fast.predict(model, frames, conds, 2, 2, noise), ref, atol=0, rtol=0)
+        assert len(f4_calls) == n
+    torch.testing.assert_close(pred, ref, atol=1e-5, rtol=0)
 
 
 def test_condconv_with_one_expert_is_a_convolution():
