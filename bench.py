@@ -111,7 +111,8 @@ PLANS = {
     "full": dict(data=(64, 32, 32), cache_reads=2000, png_reads=60, headline_batch=12,
                  train=[(12, 1, 3, None), (24, 0, 1, (REFERENCE, "best fp32"))],
                  bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32,
-                 eval_configs=((32, False, "direct"), (32, False, "rule"), (32, False, "auto"), (32, False, "auto cached")),
+                 eval_configs=((32, False, "direct"), (32, False, "rule"), (32, False, "auto"), (32, False, "auto cached"),
+                               (32, False, "direct"), (32, False, "rule"), (32, False, "auto cached")),
                  metric_seqs=256, metric_repeats=3, finn_seqs=16, conv_repeats=3,
                  recipe_rounds={"demo/long recipe (width 8, batch 4, FiLM, EMA)": (5, 3), "full width (batch 12)": (2, 1)}),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
@@ -428,9 +429,10 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         chosen = out["inference_algorithms"] if algorithms.startswith("auto") else None
         choose_s = out["inference_algorithms_s"]  # once per evaluation, not per sequence: not scaled
         s_256 = (sec - choose_s) * 256 / n + choose_s
+        runs = res.get(name, {}).get("runs_s_256", []) + [s_256]  # a configuration listed again: best of its runs
         res[name] = {"batch_size": bs, "channels_last": channels_last, "algorithms": algorithms, "sequences_timed": n,
-                     "s": sec, "s_256": s_256, "scaled_from": None if n == 256 else n, "chosen": chosen,
-                     "choose_s": choose_s, "psnr": out["psnr"]}
+                     "s": sec, "s_256": min(runs), "runs_s_256": runs, "scaled_from": None if n == 256 else n,
+                     "chosen": chosen, "choose_s": choose_s, "psnr": out["psnr"]}
         log(f"  {name}: {sec:.1f} s for {n} sequences ({choose_s:.1f} s of it choosing the algorithms) -> {s_256:.1f} s "
             f"for 256 (PSNR {out['psnr']:.5f})"
             + (f"; Winograd for {', '.join(f'{k} {v}' for k, v in chosen.items() if v != 'direct') or 'no layer'}"
@@ -515,7 +517,9 @@ def _step_closures(model_cfg, B, ema_on, device, amp):
     skip decided on the device by fused Adam, the foreach average, the epoch sums kept on the device, and each
     convolution in the memory format measured faster here, --conv_layouts auto). The same function: the same
     losses, weights and average up to rounding (tests/test_train.py, tests/test_models.py). Each form trains
-    its own copy of the same initial model; returns the two steps and the layout choice."""
+    its own copy of the same initial model; returns the two steps, the layout choice and "compiled": the
+    "after" step of a third copy with the clip encoder and decoder torch.compile'd (train --compile), the
+    compilation falling in its first call."""
     import copy
     import math
     import train_fixed_prior as tfp
@@ -560,18 +564,36 @@ def _step_closures(model_cfg, B, ema_on, device, amp):
                         a.lerp_(b, 1 - 0.995) if a.is_floating_point() else a.copy_(b)
         out["kl_levels"].tolist(), loss.item(), out["mse"].item(), out["kld"].item()
 
-    def after():
-        out, loss = forward(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
-        skip = tfp.optimizer_step(opt, scaler, bad)
-        if ema is not None:
-            tfp.update_ema(ema, model, 0.995, skip, pairs)
-        sums.add(loss, out, bad, T)
+    def make_after(model, ema, opt, pairs, sums):
+        def after():
+            out, loss = forward(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
+            skip = tfp.optimizer_step(opt, scaler, bad)
+            if ema is not None:
+                tfp.update_ema(ema, model, 0.995, skip, pairs)
+            sums.add(loss, out, bad, T)
+        return after
 
-    return before, after, layouts
+    model_c, ema_c, opt_c = setup()
+    fast.set_conv_layouts(model_c, chosen)
+    eager_after = make_after(model_c, ema_c, opt_c, tfp.ema_tensors(ema_c, model_c) if ema_on else None,
+                             tfp.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, device))
+    compiled_parts = {}
+
+    def compiled():  # fast.compile_rollout's form, swapped in for this model's steps only
+        if not compiled_parts:
+            compiled_parts.update(encode=torch.compile(fast.encode), decode=torch.compile(fast.decode))
+        plain = fast.encode, fast.decode
+        fast.encode, fast.decode = compiled_parts["encode"], compiled_parts["decode"]
+        try:
+            eager_after()
+        finally:
+            fast.encode, fast.decode = plain
+
+    return before, make_after(model, ema, opt, pairs, sums), layouts, compiled
 
 
 # Profile categories: the first whose pattern occurs in an op's name (lower case) takes its self time.
@@ -638,27 +660,27 @@ def bench_recipes(device, plan, bf16_native, peak, log):
         flops = model_step_flops(cfg, B)
         for prec in precisions:
             amp = "bf16" if prec == "bf16" else "off"
-            before, after, layouts = _step_closures(cfg, B, ema_on, device, amp)
+            before, after, layouts, compiled = _step_closures(cfg, B, ema_on, device, amp)
             before(), after()  # warm-up (first-call allocations, oneDNN primitive creation)
-            times = {"before": [], "after": []}
-            for _ in range(rounds):  # alternating: a slow spell of a shared host slows both
-                for key, fn in (("before", before), ("after", after)):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        fn()
-                    sync(device)
-                    times[key].append((time.perf_counter() - t0) / steps)
+            comp = time_compiled(compiled, after, device, rounds, steps)
+            times = alternating_rounds({"before": before, "after": after}, device, rounds, steps)
             s_b, s_a = statistics.median(times["before"]), statistics.median(times["after"])
             prof = profile_categories(after, device, repeats=max(1, steps // 2))
             rec = {"model": cfg, "batch": B, "ema": ema_on, "precision": prec, "before_s": s_b, "after_s": s_a,
                    "conv_layouts": layouts,
                    "ratio": s_b / s_a, "rounds": times, "flops": flops, "after_gflops": flops / s_a / 1e9,
-                   "fraction_of_peak": flops / s_a / peak[prec]["peak"], "profile": prof}
+                   "fraction_of_peak": flops / s_a / peak[prec]["peak"], "profile": prof, "compiled": comp}
             res[f"{name} {prec}"] = rec
             log(f"  {name} {prec}: before {s_b:.3f} s/it, after {s_a:.3f} s/it -> {s_b / s_a:.2f}x; "
                 f"{flops / 1e9:.1f} GFLOP/it, {flops / s_a / 1e9:.1f} GFLOP/s = "
                 f"{100 * rec['fraction_of_peak']:.0f}% of the {prec} peak {peak[prec]['peak'] / 1e9:.0f} GFLOP/s")
+            if "error" in comp:
+                log(f"    torch.compile'd encoder and decoder: failed ({comp['error']})")
+            else:
+                log(f"    torch.compile'd encoder and decoder: {comp['s']:.3f} s/it ({s_a / comp['s']:.2f}x the eager step in "
+                    f"the same rounds), first call {comp['first_call_s']:.0f} s (compiling); "
+                    + (f"repaid after {comp['break_even_iterations']:.0f} iterations" if comp["break_even_iterations"]
+                       else "never repaid"))
             log("    where the time goes: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
                                                           sorted(prof["shares"].items(), key=lambda kv: -kv[1]) if v >= 0.005))
             log(f"    channels-last (measured here in {layouts['choose_s']:.1f} s): "
@@ -666,6 +688,41 @@ def bench_recipes(device, plan, bf16_native, peak, log):
             del before, after
             gc.collect()
     return res
+
+
+def alternating_rounds(fns, device, rounds, steps):
+    """{name: [seconds per call of each round]} of `rounds` rounds of `steps` calls of each fn in turn: a slow
+    spell of a shared host slows all of them."""
+    times = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            times[key].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def time_compiled(compiled, eager, device, rounds, steps):
+    """The torch.compile'd step against the eager one in alternating rounds (median s/it of each), its first
+    call (the compilation, with the inductor's on-disk cache as this machine has it), and the iterations after
+    which the compilation is repaid (None where the compiled step is not faster). {"error": ...} where
+    compiling fails (no C++ compiler, an unsupported op)."""
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        compiled()
+    except Exception as e:  # the eager figures stand without it
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    sync(device)
+    first = time.perf_counter() - t0
+    compiled()  # the second call may still specialise (e.g. the first step's optimizer state)
+    times = alternating_rounds({"compiled": compiled, "eager": eager}, device, rounds, steps)
+    s_c, s_e = statistics.median(times["compiled"]), statistics.median(times["eager"])
+    return {"s": s_c, "eager_s": s_e, "first_call_s": first, "rounds": times,
+            "break_even_iterations": (first - s_c) / (s_e - s_c) if s_c < s_e else None}
 
 
 # ----------------------------------------------------------------------------------------------------
