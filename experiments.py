@@ -164,8 +164,13 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
     Returns its directory, or None."""
     parser = train.get_args_parser()
     args = parser.parse_args(train_argv)
-    args.amp = runtime.resolve_amp(args.amp, runtime.choose_device(args.device))  # runs save the resolved choice
-    want = {k: v for k, v in vars(args).items() if k not in SAME_RUN_IGNORES}
+    # runs save the resolved precision; auto resolves by a measurement on a CPU with bf16 units, so there a
+    # finished run in either precision is what auto could have trained
+    device = runtime.choose_device(args.device)
+    amps = {runtime.resolve_amp(args.amp, device)}
+    if args.amp == "auto" and device.type == "cpu":
+        amps.add("off")
+    want = {k: v for k, v in vars(args).items() if k not in SAME_RUN_IGNORES | {"amp"}}
     pattern = os.path.join(glob.escape(log_dir), "*", "*", "seed*", "*", "train_record.txt")
     for record in sorted(glob.glob(pattern)):
         run = os.path.dirname(record)
@@ -175,7 +180,8 @@ def finished_twin(log_dir, set_dir, train_argv, niter):
             saved = train.with_defaults(parser, compare.read_record(record)[0])
         except compare.NotARun:
             continue
-        if all(saved.get(k) == v for k, v in want.items()) and os.path.isfile(os.path.join(run, "last.pth")) \
+        if all(saved.get(k) == v for k, v in want.items()) and saved.get("amp") in amps \
+                and os.path.isfile(os.path.join(run, "last.pth")) \
                 and _epoch(run) >= niter:
             return run
     return None
