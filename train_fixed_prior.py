@@ -283,13 +283,16 @@ def kl_loss(out, free_bits):
     return out["kl"].clamp_min(free_bits).sum() + out["kl_levels"][1:].sum() if free_bits > 0 else out["kld"]
 
 
-def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1):
+def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1, layouts=None):
     """--amp auto: the precision of this run, decided on this machine. A CPU with bf16 units (AVX-512-BF16,
     AMX) times one training rollout of the run's shapes in fp32 and under bf16 autocast
-    (models.fast.time_training_rollout) and takes bf16 where it is faster by min_gain: at small widths,
-    or on a CPU busy with other work, bf16's casts can cost more than its kernels save. Elsewhere the rule
-    of runtime.resolve_amp (bf16 on a CUDA GPU that has it; off on a CPU that would emulate bf16, 7-19x
-    slower). Printed; the caller saves it in the run's args. Other values are returned unchanged."""
+    (models.fast.time_training_rollout), each with the convolution layouts --conv_layouts auto picks for that
+    precision (they differ: bf16's small transposed convolutions gain most from channels-last), and takes
+    bf16 where it is faster by min_gain: at small widths, or on a CPU busy with other work, bf16's casts can
+    cost more than its kernels save. The layouts measured go into `layouts` ({precision: choice}) for
+    choose_conv_layouts to reuse. Elsewhere the rule of runtime.resolve_amp (bf16 on a CUDA GPU that has
+    it; off on a CPU that would emulate bf16, 7-19x slower). Printed; the caller saves it in the run's args.
+    Other values are returned unchanged."""
     if args.amp != "auto":
         return args.amp
     amp, how = runtime.resolve_amp("auto", device), "by the device's bf16 support"
@@ -297,9 +300,15 @@ def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1):
         T = args.n_past + args.n_future
         frames = torch.rand(args.batch_size, T, 3, 64, 64, device=device)
         conds = torch.randn(args.batch_size, T, model.cond_dim, device=device)
+        sec, layouts = {}, {} if layouts is None else layouts
         with torch.random.fork_rng(devices=[]):  # the run's RNG untouched
-            sec = {a: fast.time_training_rollout(model, frames, conds, args.n_past, lambda a=a: runtime.autocast(device, a))
-                   for a in ("off", "bf16")}
+            for a in ("off", "bf16"):
+                context, probe = (lambda a=a: runtime.autocast(device, a)), model
+                if layouts_apply(args):
+                    layouts[a], _ = fast.choose_conv_layouts(model, frames, conds, args.n_past, context)
+                    probe = copy.deepcopy(model)
+                    fast.set_conv_layouts(probe, layouts[a])
+                sec[a] = fast.time_training_rollout(probe, frames, conds, args.n_past, context)
         amp = "bf16" if sec["bf16"] < (1 - min_gain) * sec["off"] else "off"
         how = f"measured: one training rollout {sec['off']:.3f} s in fp32, {sec['bf16']:.3f} s in bf16"
         if world > 1:  # every rank takes rank 0's choice
@@ -311,16 +320,28 @@ def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1):
     return amp
 
 
-def choose_conv_layouts(model, args, device, main_proc, world=1, resume=None):
+def layouts_apply(args):
+    """Whether --conv_layouts auto measures anything in this run's configuration."""
+    return args.conv_layouts == "auto" and not args.channels_last and args.rollout == "batched"
+
+
+def choose_conv_layouts(model, args, device, main_proc, world=1, resume=None, measured=None):
     """--conv_layouts auto: mark the convolutions that run faster in channels-last on this machine
-    (models.fast.choose_conv_layouts, measured on the run's batch shape and precision), or reuse the choice a
-    resumed run saved, so that a resume computes what the interrupted run did. Returns the choice, which
-    every checkpoint saves beside the run's args ("conv_layouts"; not among the args, which compare.py groups
-    runs by: two seeds' measurements may differ)."""
-    if args.conv_layouts != "auto" or args.channels_last or args.rollout != "batched":
+    (models.fast.choose_conv_layouts, measured on the run's batch shape and precision, or `measured` there,
+    as choose_amp measured it), or reuse the choice a resumed run saved, so that a resume computes what the
+    interrupted run did. Returns the choice, which every checkpoint saves beside the run's args
+    ("conv_layouts"; not among the args, which compare.py groups runs by: two seeds' measurements may
+    differ)."""
+    if not layouts_apply(args):
         return []
     chosen = resume[1].get("conv_layouts") if resume is not None else None
     how = "saved by the run"
+    if chosen is None and measured is not None:
+        chosen, how = measured, "measured with --amp auto, forward + backward"
+        if world > 1:  # every rank takes rank 0's choice
+            box = [chosen]
+            dist.broadcast_object_list(box, src=0)
+            chosen = box[0]
     if chosen is None:
         T = args.n_past + args.n_future
         frames = torch.rand(args.batch_size, T, 3, 64, 64, device=device)
@@ -586,8 +607,9 @@ def main(argv=None):
     # Polyak averaging: a copy of the model whose weights trail the trained ones (update_ema after each step)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     run = restore(resume, model, optimizer, scaler, args, ema)
-    args.amp = choose_amp(model, args, device, main_proc, world)  # saved resolved, so a resume keeps the choice
-    run.conv_layouts = choose_conv_layouts(model, args, device, main_proc, world, resume)
+    layouts = {}  # per precision, where --amp auto measured them
+    args.amp = choose_amp(model, args, device, main_proc, world, layouts=layouts)  # saved resolved: a resume keeps it
+    run.conv_layouts = choose_conv_layouts(model, args, device, main_proc, world, resume, layouts.get(args.amp))
     if args.compile:
         fast.compile_rollout()
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model

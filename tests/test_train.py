@@ -386,6 +386,14 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
         assert train.choose_amp(model, args, torch.device("cpu"), True) == expected
         assert timed == [((2, args.n_past + args.n_future, 3, 64, 64), False), ((2, args.n_past + args.n_future, 3, 64, 64), True)]
         assert f"[amp] auto -> {expected} on cpu (measured" in capsys.readouterr().out
+    # each precision is timed with its own convolution layouts, which the run then reuses without measuring again
+    layouts, measured = {}, []
+    choose = fast.choose_conv_layouts
+    monkeypatch.setattr(fast, "choose_conv_layouts", lambda *a, **k: measured.append(1) or choose(*a, **k))
+    train.choose_amp(model, args, torch.device("cpu"), True, layouts=layouts)
+    assert set(layouts) == {"off", "bf16"} and len(measured) == 2
+    assert train.choose_conv_layouts(model, args, torch.device("cpu"), True, measured=layouts["off"]) == list(layouts["off"])
+    assert len(measured) == 2 and "measured with --amp auto" in capsys.readouterr().out
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
     timed.clear()
     assert train.choose_amp(model, args, torch.device("cpu"), True) == "off" and timed == []
