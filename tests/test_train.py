@@ -369,7 +369,7 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     where it is faster by 10%; on a CPU without them it measures nothing (emulated bf16 is 7-19x slower)."""
     import runtime
     args = train.get_args_parser().parse_args(["--amp", "auto", "--batch_size", "2", "--base_channels", "4",
-                                               "--g_dim", "8", "--z_dim", "2", "--rnn_size", "8"])
+                                               "--g_dim", "8", "--z_dim", "2", "--rnn_size", "8", "--conv_layouts", "off"])
     model = CVAE.from_config(args)
     timed = []
 
@@ -387,7 +387,7 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
         assert timed == [((2, args.n_past + args.n_future, 3, 64, 64), False), ((2, args.n_past + args.n_future, 3, 64, 64), True)]
         assert f"[amp] auto -> {expected} on cpu (measured" in capsys.readouterr().out
     # each precision is timed with its own convolution layouts, which the run then reuses without measuring again
-    layouts, measured = {}, []
+    args.conv_layouts, layouts, measured = "auto", {}, []
     choose = fast.choose_conv_layouts
     monkeypatch.setattr(fast, "choose_conv_layouts", lambda *a, **k: measured.append(1) or choose(*a, **k))
     train.choose_amp(model, args, torch.device("cpu"), True, layouts=layouts)
