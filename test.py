@@ -196,8 +196,10 @@ def main(argv=None):
     algos = res["inference_algorithms"]
     if args.conv_algorithms == "auto" and algos:
         winograd = {k: v for k, v in algos.items() if v != "direct"}
-        print(f"[conv algorithms] measured on this {device.type}: Winograd for {len(winograd)} of {len(algos)} 3x3 "
-              f"layer shapes ({', '.join(f'{k} {v}' for k, v in winograd.items()) or 'none'}), direct for the rest")
+        print(f"[conv algorithms] on this {device.type} (chosen in {res['inference_algorithms_s']:.1f} s: measured once "
+              f"per machine and batch size, kept in {evaluation.ALGORITHM_CACHE or 'this process'}): Winograd for "
+              f"{len(winograd)} of {len(algos)} 3x3 layer shapes ({', '.join(f'{k} {v}' for k, v in winograd.items()) or 'none'}), "
+              f"direct for the rest")
     if svg:
         print(svg_table(res, args, n_past, n_future, train_args["n_future"]))
     print(f"test psnr: {res['psnr']:.4f}")

@@ -569,30 +569,32 @@ def choose_inference_algorithms(model, frames, conds, n_past, n_future=1, repeat
                                 screen_rows=4, screen_loss=1.5):
     """Which algorithm computes each 3x3 convolution of CPU inference fastest on this host.
 
-    One predict of inference_copy(model) on (frames, conds) records every distinct 3x3 layer shape (c_in,
-    c_out, H, W) with its input at this batch (one predicted frame already runs every layer). Each shape is
+    One predict of inference_copy(model) on a row of (frames, conds) records every distinct 3x3 layer shape
+    (c_in, c_out, H, W) and how many rows its first input has per sequence (one predicted frame already runs
+    every layer); each is timed on random inputs of that many rows per sequence at this batch. Each shape is
     timed alone in every algorithm that applies: "direct" F.conv2d; "nnpack", NNPACK's Winograd F(6x6, 3x3),
     where PyTorch has it; "f4", our Winograd F(4x4, 3x3), on maps whose sides are multiples of 4, its weight
     transform precomputed as a frozen layer keeps it. The timing is in two rounds so that it costs a few
     seconds, not tens: a screen on `screen_rows` rows drops every Winograd algorithm more than `screen_loss`
     times slower than the fastest there (our F(4x4) on large maps, which is memory-bound and can lose 5x),
-    then the rest run on the recorded batch, interleaved so that a burst of load on the machine hits them
+    then the rest run on the full batch, interleaved so that a burst of load on the machine hits them
     all alike, best of `repeats` after a warm-up. A Winograd algorithm is chosen only where it beats the
     direct one by min_gain, so that timing noise does not trade exact-as-possible rounding for nothing.
     `model` is not changed; apply the result with set_inference_algorithms. Layer shapes in `known` are not
     timed again. Returns ({algorithm_key: algorithm}, {algorithm_key: {algorithm: seconds}}) for the shapes
     timed (a screened-out algorithm's entry is its screen time scaled to the batch)."""
     probe = inference_copy(model)
-    # the layer shapes first, from one row (cheap); the inputs at the batch only where a shape is new
-    if set(_record_3x3(probe, frames[:1], None if conds is None else conds[:1], n_past, n_future)) <= set(known):
-        return {}, {}
-    recorded = _record_3x3(probe, frames, conds, n_past, n_future)
+    # The layer shapes from a predict of one row (cheap); each layer's first input at the batch has its rows
+    # times the batch (the given frames are encoded together), which random values stand in for: the
+    # kernels' speed does not depend on the values.
+    recorded = _record_3x3(probe, frames[:1], None if conds is None else conds[:1], n_past, n_future)
     choice, times = {}, {}
     with torch.no_grad():
-        for key, (x, weight, bias) in recorded.items():
+        for key, (x1, weight, bias) in recorded.items():
             if key in known:
                 continue
-            x, weight = x.contiguous(), weight.contiguous()
+            x = torch.rand(x1.shape[0] * frames.shape[0], *x1.shape[1:], dtype=x1.dtype, device=x1.device)
+            weight = weight.contiguous()
             u = winograd_f4_weight(weight) if x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0 else None
 
             def runs(x):
