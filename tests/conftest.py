@@ -18,7 +18,8 @@ BAIR_REAL = os.path.join(REPO, "..", "shared", "bair_real")
 
 # A model small enough to train a few iterations in seconds on a CPU.
 TINY = ["--base_channels", "4", "--rnn_size", "16", "--g_dim", "8", "--z_dim", "4", "--cond_embed_dim", "4",
-        "--batch_size", "4", "--num_workers", "0", "--no_progress", "--eval_batch_size", "3"]
+        "--batch_size", "4", "--num_workers", "0", "--no_progress", "--eval_batch_size", "3",
+        "--conv_layouts", "off"]  # no layout measurement at start (a second per run); tests of it pass "auto"
 
 
 @pytest.fixture(scope="session")

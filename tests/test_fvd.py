@@ -167,6 +167,7 @@ def test_test_script_fvd_and_svg_protocol(tiny_run, tmp_path, capsys):
     assert (tmp_path / "svg" / "samples_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_svg_protocol_refusals(sim_copy, tmp_path, capsys):
     import test as test_script
     import train_fixed_prior as train

@@ -91,7 +91,8 @@ def _params(path):
                                          ["--ema", "0.9"]])
 def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     flags = ["--niter", "2", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9", "--seed", "5",
-             "--tfr", "0.5", "--kl_anneal_cyclical", "--lr_schedule", "cosine", "--warmup", "2", *model_flags]
+             "--tfr", "0.5", "--kl_anneal_cyclical", "--lr_schedule", "cosine", "--warmup", "2", "--conv_layouts", "auto",
+             *model_flags]
     # A fixed layout choice instead of a measurement (which may differ between the two runs): a resume must
     # reuse the interrupted run's choice, not measure again.
     measured = []
@@ -120,6 +121,7 @@ def test_resume_is_bit_exact(sim_root, tmp_path, monkeypatch, model_flags):
     assert a["best_psnr"] == b["best_psnr"]
 
 
+@pytest.mark.slow
 def test_weight_average_is_what_validation_and_test_use(sim_root, tmp_path, capsys):
     run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "3", "--eval_every", "1", "--plot_every", "9",
                  "--ema", "0.5")
