@@ -20,7 +20,8 @@ Measured, each fast path next to its reference (median of repeats after warm-up,
  7. the demo/long recipes' iteration (width 8, batch 4, FiLM, weight average) and the full-width one (batch 12):
     the current training step against the step as the loop ran it before (the same function, tests/test_train.py),
     in alternating rounds of one run; FLOP/s against the peak; where the time goes (torch.profiler self time by
-    category: convolutions, BatchNorm/activations, LSTM cells, optimizer, Python and dispatch overhead).
+    category: convolutions, BatchNorm/activations, LSTM cells, optimizer, Python and dispatch overhead); the
+    step with its clip encoder and decoder torch.compile'd, and on CUDA the whole step as one CUDA graph.
  8. roofline: every convolution shape of those steps, forward and forward + backward, timed alone at the
     step's batch, per precision, against the large-kernel peak. `--only_steps`: sections 0, 7 and 8 alone.
 Without --data_root a small data set is generated in a temporary directory (make_sim_dataset.py when present,
@@ -593,7 +594,41 @@ def _step_closures(model_cfg, B, ema_on, device, amp):
         finally:
             fast.encode, fast.decode = plain
 
-    return before, make_after(model, ema, opt, pairs, sums), layouts, compiled
+    def graphed():  # the "after" step of a fourth copy captured in one CUDA graph (graph_step), on CUDA only
+        model_g, ema_g, opt_g = setup()
+        fast.set_conv_layouts(model_g, chosen)
+        step = make_after(model_g, ema_g, opt_g, tfp.ema_tensors(ema_g, model_g) if ema_on else None,
+                          tfp.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, device))
+        return graph_step(step, opt_g, device)
+
+    return before, make_after(model, ema, opt, pairs, sums), layouts, compiled, graphed
+
+
+def graph_step(step, opt, device, warmup=3):
+    """step (a training iteration on fixed input tensors, as _step_closures makes them) captured in one CUDA
+    graph: returns the graph's replay, which reruns every kernel of the step with one launch, so that a small
+    model's thousands of kernel launches and the Python that issues them cost nothing per iteration. The
+    usual whole-network capture (torch.cuda.graph): warm-up iterations on a side stream (cuDNN's algorithm
+    search, the optimizer's state), the gradients set to None so that the captured backward allocates them
+    from the graph's pool, the optimizer marked capturable (fused Adam keeps its step counts on the device
+    already; the flag only passes its capture check). Random draws inside the step (the noise) advance on
+    every replay. Where capture fails (an op that reads a value on the host, an unsupported kernel), the
+    error is raised."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    for group in opt.param_groups:
+        group["capturable"] = True
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 # Profile categories: the first whose pattern occurs in an op's name (lower case) takes its self time.
@@ -648,9 +683,11 @@ def model_step_flops(model_cfg, B):
     return counter.get_total_flops()
 
 
-def bench_recipes(device, plan, bf16_native, peak, log):
+def bench_recipes(device, plan, bf16_native, peak, log, save=None):
     """Each recipe model's iteration, "before" and "after" (_step_closures) in alternating rounds, the ratio,
-    FLOP/s against the measured peak, and where the current step's time goes (profile_categories)."""
+    FLOP/s against the measured peak, and where the current step's time goes (profile_categories); on CUDA
+    also the step as one CUDA graph (graph_step). save(results so far) after each configuration, so that a
+    run stopped by a time limit keeps what it measured."""
     res = {}
     precisions = ["fp32"] + (["bf16"] if bf16_native else [])
     for name, (cfg, B, ema_on) in RECIPE_MODELS.items():
@@ -660,8 +697,9 @@ def bench_recipes(device, plan, bf16_native, peak, log):
         flops = model_step_flops(cfg, B)
         for prec in precisions:
             amp = "bf16" if prec == "bf16" else "off"
-            before, after, layouts, compiled = _step_closures(cfg, B, ema_on, device, amp)
+            before, after, layouts, compiled, graphed = _step_closures(cfg, B, ema_on, device, amp)
             before(), after()  # warm-up (first-call allocations, oneDNN primitive creation)
+            graph = time_graphed(graphed, after, device, rounds, steps)
             comp = time_compiled(compiled, after, device, rounds, steps)
             times = alternating_rounds({"before": before, "after": after}, device, rounds, steps)
             s_b, s_a = statistics.median(times["before"]), statistics.median(times["after"])
@@ -669,7 +707,8 @@ def bench_recipes(device, plan, bf16_native, peak, log):
             rec = {"model": cfg, "batch": B, "ema": ema_on, "precision": prec, "before_s": s_b, "after_s": s_a,
                    "conv_layouts": layouts,
                    "ratio": s_b / s_a, "rounds": times, "flops": flops, "after_gflops": flops / s_a / 1e9,
-                   "fraction_of_peak": flops / s_a / peak[prec]["peak"], "profile": prof, "compiled": comp}
+                   "fraction_of_peak": flops / s_a / peak[prec]["peak"], "profile": prof, "compiled": comp,
+                   "cuda_graph": graph}
             res[f"{name} {prec}"] = rec
             log(f"  {name} {prec}: before {s_b:.3f} s/it, after {s_a:.3f} s/it -> {s_b / s_a:.2f}x; "
                 f"{flops / 1e9:.1f} GFLOP/it, {flops / s_a / 1e9:.1f} GFLOP/s = "
@@ -681,6 +720,13 @@ def bench_recipes(device, plan, bf16_native, peak, log):
                     f"the same rounds), first call {comp['first_call_s']:.0f} s (compiling); "
                     + (f"repaid after {comp['break_even_iterations']:.0f} iterations" if comp["break_even_iterations"]
                        else "never repaid"))
+            if "s" in graph:
+                log(f"    the step as one CUDA graph: {graph['s']:.4f} s/it ({s_a / graph['s']:.2f}x the eager step in the "
+                    f"same rounds), capture {graph['capture_s']:.1f} s")
+            else:
+                log(f"    the step as one CUDA graph: {graph.get('error') or graph.get('skipped')}")
+            if save:
+                save(res)
             log("    where the time goes: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
                                                           sorted(prof["shares"].items(), key=lambda kv: -kv[1]) if v >= 0.005))
             log(f"    channels-last (measured here in {layouts['choose_s']:.1f} s): "
@@ -723,6 +769,26 @@ def time_compiled(compiled, eager, device, rounds, steps):
     s_c, s_e = statistics.median(times["compiled"]), statistics.median(times["eager"])
     return {"s": s_c, "eager_s": s_e, "first_call_s": first, "rounds": times,
             "break_even_iterations": (first - s_c) / (s_e - s_c) if s_c < s_e else None}
+
+
+def time_graphed(graphed, eager, device, rounds, steps):
+    """The CUDA-graphed step (graph_step) against the eager one in alternating rounds (median s/it of each)
+    and the seconds its warm-up and capture took; {"skipped": ...} off CUDA, {"error": ...} where the capture
+    fails (the eager figures stand without it)."""
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs: CUDA only"}
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        replay = graphed()
+        replay()
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    sync(device)
+    capture = time.perf_counter() - t0
+    times = alternating_rounds({"graph": replay, "eager": eager}, device, rounds, steps)
+    return {"s": statistics.median(times["graph"]), "eager_s": statistics.median(times["eager"]),
+            "capture_s": capture, "rounds": times}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -909,6 +975,8 @@ def main(args):
         torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # as train_fixed_prior.py: each convolution's fastest cuDNN kernel
     plan = PLANS["quick" if args.quick else "full"]
     log = lambda s: print(s, flush=True)
     info = machine_info(device)
@@ -936,8 +1004,12 @@ def main(args):
 
     if args.only_steps:
         peak = section("0. peak FLOP/s", bench_peak, device, bf16_native)
+        def save(partial, key="recipes"):  # what is measured so far, in case a time limit stops the run
+            with open(args.out, "w") as f:
+                json.dump({"mode": "partial --only_steps", "machine": info, "peak_flops": peak, key: partial}, f,
+                          indent=2, default=str)
         recipes = section("7. the recipes' training iteration, before vs after (same run)", bench_recipes, device, plan,
-                          bf16_native, peak, log)
+                          bf16_native, peak, log, save)
         roofline = section("8. roofline: the model's own convolutions alone", bench_conv_roofline, device, plan,
                            bf16_native, peak, log)
         peak = merge_peaks(peak, section("peak FLOP/s (second measurement)", bench_peak, device, bf16_native))
@@ -988,8 +1060,12 @@ def main(args):
                         device, plan, log)
         metrics = section("5. metrics", bench_metrics, device, plan)
         top_ops = section("profile", profile_step, device, plan["headline_batch"], log) if args.profile else None
+        def save(partial, key="recipes"):  # what is measured so far, in case a time limit stops the run
+            with open(args.out, "w") as f:
+                json.dump({"mode": "partial --only_steps", "machine": info, "peak_flops": peak, key: partial}, f,
+                          indent=2, default=str)
         recipes = section("7. the recipes' training iteration, before vs after (same run)", bench_recipes, device, plan,
-                          bf16_native, peak, log)
+                          bf16_native, peak, log, save)
         roofline = section("8. roofline: the model's own convolutions alone", bench_conv_roofline, device, plan,
                            bf16_native, peak, log)
 

@@ -1,5 +1,6 @@
 """On a CUDA GPU (`python -m pytest -m cuda tests`; tools/gpu_check.sh runs them): the fast paths equal to the
-plain model, bf16 and fp16 autocast training with the grad scaler, exact resume, and NCCL data parallelism.
+plain model, bf16 and fp16 autocast training with the grad scaler, exact resume, the training step as one CUDA
+graph, and NCCL data parallelism.
 Every test here skips without CUDA. They reuse the CPU tests' models and helpers (test_models, test_train)."""
 import os
 import subprocess
@@ -201,6 +202,49 @@ def _torchrun(tmp_path, nproc, port, script=None, args=()):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tf32", [False], indirect=True, ids=["fp32"])
+def test_cuda_graph_step_trains_as_the_eager_one(tf32):
+    """bench.graph_step, the training iteration captured in one CUDA graph (bench.py times it against the eager
+    step): its replays give the eager iterations' weights, weight average, BatchNorm statistics and Adam state."""
+    import copy
+
+    import bench
+    import train_fixed_prior as tfp
+    states = []
+    for graphed in (False, True):
+        m, x, c, noise = test_models._model(cond_conv="film")
+        m, x, c, noise = m.to(CUDA).train(), x.to(CUDA), _to(c), _to(noise)
+        ema = copy.deepcopy(m).requires_grad_(False)
+        pairs, opt = tfp.ema_tensors(ema, m), torch.optim.Adam(m.parameters(), lr=1e-3, fused=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+        def step():  # the loop's iteration (bench._step_closures' "after") on fixed tensors, fixed noise
+            out = m(x, c, 2, teacher_forcing=True, noise=noise, batched=True)
+            loss = out["mse"] + 1e-4 * out["kld"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None])
+            skip = tfp.optimizer_step(opt, scaler, ~(torch.isfinite(loss) & torch.isfinite(norm)))
+            tfp.update_ema(ema, m, 0.9, skip, pairs)
+
+        if graphed:
+            replay = bench.graph_step(step, opt, CUDA, warmup=2)  # 2 eager iterations, then the capture
+            for _ in range(3):
+                replay()
+        else:
+            for _ in range(5):
+                step()
+        torch.cuda.synchronize()
+        states.append((m.state_dict(), ema.state_dict(), [s["exp_avg_sq"] for s in opt.state.values()],
+                       [s["step"] for s in opt.state.values()]))
+    for name, a, b in zip(("weights", "average", "second moments", "steps"), *states):
+        if isinstance(a, dict):
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_one_process_nccl_ddp(tmp_path):
     """A 1-process NCCL group: DDP's gradients of the model equal the plain model's, and the all-reduce the
     training loop's decisions use works on CUDA tensors."""
