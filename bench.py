@@ -578,10 +578,13 @@ def _step_closures(model_cfg, B, ema_on, device, amp):
             sums.add(loss, out, bad, T)
         return after
 
-    model_c, ema_c, opt_c = setup()
-    fast.set_conv_layouts(model_c, chosen)
-    eager_after = make_after(model_c, ema_c, opt_c, tfp.ema_tensors(ema_c, model_c) if ema_on else None,
-                             tfp.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, device))
+    def another_after():  # the "after" step of a further copy of the same initial model, and its optimizer
+        model_n, ema_n, opt_n = setup()
+        fast.set_conv_layouts(model_n, chosen)
+        return make_after(model_n, ema_n, opt_n, tfp.ema_tensors(ema_n, model_n) if ema_on else None,
+                          tfp.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, device)), opt_n
+
+    eager_after, _ = another_after()
     compiled_parts = {}
 
     def compiled():  # fast.compile_rollout's form, swapped in for this model's steps only
@@ -595,11 +598,7 @@ def _step_closures(model_cfg, B, ema_on, device, amp):
             fast.encode, fast.decode = plain
 
     def graphed():  # the "after" step of a fourth copy captured in one CUDA graph (graph_step), on CUDA only
-        model_g, ema_g, opt_g = setup()
-        fast.set_conv_layouts(model_g, chosen)
-        step = make_after(model_g, ema_g, opt_g, tfp.ema_tensors(ema_g, model_g) if ema_on else None,
-                          tfp.EpochSums({"loss": 0.0, "mse": 0.0, "kld": 0.0, "n": 0}, 1, device))
-        return graph_step(step, opt_g, device)
+        return graph_step(*another_after(), device)
 
     return before, make_after(model, ema, opt, pairs, sums), layouts, compiled, graphed
 
@@ -751,6 +750,11 @@ def alternating_rounds(fns, device, rounds, steps):
     return times
 
 
+def short_error(e):
+    """An exception's type and the first line of its message, for a figure that could not be measured."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def time_compiled(compiled, eager, device, rounds, steps):
     """The torch.compile'd step against the eager one in alternating rounds (median s/it of each), its first
     call (the compilation, with the inductor's on-disk cache as this machine has it), and the iterations after
@@ -761,7 +765,7 @@ def time_compiled(compiled, eager, device, rounds, steps):
     try:
         compiled()
     except Exception as e:  # the eager figures stand without it
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"error": short_error(e)}
     sync(device)
     first = time.perf_counter() - t0
     compiled()  # the second call may still specialise (e.g. the first step's optimizer state)
@@ -783,7 +787,7 @@ def time_graphed(graphed, eager, device, rounds, steps):
         replay = graphed()
         replay()
     except Exception as e:
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"error": short_error(e)}
     sync(device)
     capture = time.perf_counter() - t0
     times = alternating_rounds({"graph": replay, "eager": eager}, device, rounds, steps)
@@ -1002,12 +1006,13 @@ def main(args):
             log(f"  WARNING: other processes kept {other:.1f} cores busy during this section: its figures are slowed")
         return out
 
+    def save(recipes):  # the recipes measured so far (bench_recipes), in case a time limit stops the run
+        with open(args.out, "w") as f:
+            json.dump({"mode": "partial", "machine": info, "peak_flops": peak, "recipes": recipes}, f, indent=2,
+                      default=str)
+
     if args.only_steps:
         peak = section("0. peak FLOP/s", bench_peak, device, bf16_native)
-        def save(partial, key="recipes"):  # what is measured so far, in case a time limit stops the run
-            with open(args.out, "w") as f:
-                json.dump({"mode": "partial --only_steps", "machine": info, "peak_flops": peak, key: partial}, f,
-                          indent=2, default=str)
         recipes = section("7. the recipes' training iteration, before vs after (same run)", bench_recipes, device, plan,
                           bf16_native, peak, log, save)
         roofline = section("8. roofline: the model's own convolutions alone", bench_conv_roofline, device, plan,
@@ -1060,10 +1065,6 @@ def main(args):
                         device, plan, log)
         metrics = section("5. metrics", bench_metrics, device, plan)
         top_ops = section("profile", profile_step, device, plan["headline_batch"], log) if args.profile else None
-        def save(partial, key="recipes"):  # what is measured so far, in case a time limit stops the run
-            with open(args.out, "w") as f:
-                json.dump({"mode": "partial --only_steps", "machine": info, "peak_flops": peak, key: partial}, f,
-                          indent=2, default=str)
         recipes = section("7. the recipes' training iteration, before vs after (same run)", bench_recipes, device, plan,
                           bf16_native, peak, log, save)
         roofline = section("8. roofline: the model's own convolutions alone", bench_conv_roofline, device, plan,

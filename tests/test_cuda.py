@@ -201,7 +201,6 @@ def _torchrun(tmp_path, nproc, port, script=None, args=()):
                           text=True, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tf32", [False], indirect=True, ids=["fp32"])
 def test_cuda_graph_step_trains_as_the_eager_one(tf32):
     """bench.graph_step, the training iteration captured in one CUDA graph (bench.py times it against the eager
@@ -245,6 +244,7 @@ def test_cuda_graph_step_trains_as_the_eager_one(tf32):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_one_process_nccl_ddp(tmp_path):
     """A 1-process NCCL group: DDP's gradients of the model equal the plain model's, and the all-reduce the
     training loop's decisions use works on CUDA tensors."""
