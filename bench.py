@@ -137,6 +137,9 @@ def get_args_parser():
     p.add_argument("--only_steps", action="store_true",
                    help="only the peak, the recipes' iterations (before vs after, where the time goes) and the "
                         "roofline of the model's own convolutions (sections 0, 7, 8)")
+    p.add_argument("--eval_seqs", type=int, default=0,
+                   help="test sequences the evaluation section times (0: the mode's, 32 full / 16 quick, scaled to 256); "
+                        "256 times the whole graded evaluation, the online part of --conv_algorithms auto included unscaled")
     p.add_argument("--only_eval", action="store_true",
                    help="only the peak and the full-width evaluation with each choice of inference convolution "
                         "algorithms: direct, the fixed rule, measured on this host (sections 0 and 4)")
@@ -400,14 +403,15 @@ def merge_peaks(a, b):
 # 4. Evaluation
 def bench_eval(data_root, cache_dir, device, plan, log):
     test = bair_robot_pushing_dataset(dataset_args(data_root, cache_dir, n_eval=0), "test")
-    n = min(len(test), 256, plan["eval_seqs"])
+    n = min(len(test), 256, plan["eval_seqs"])  # main() puts --eval_seqs here
     subset = torch.utils.data.Subset(test, range(n))
     res, user_cache = {}, evaluation.ALGORITHM_CACHE
     evaluation.ALGORITHM_CACHE = os.path.join(cache_dir, "conv_algorithms.json")  # starts empty
     for bs, channels_last, algorithms in plan["eval_configs"]:
         # direct: no Winograd; rule: models.fast._algorithm_rule (fixed, from an AVX2 host); auto: measured per
-        # layer shape on this host at the start of the evaluation, the measurement inside the timed region;
-        # "auto cached": a later process on this host, which reads that measurement from the cache file
+        # layer shape on this host (a screen at the start, then the evaluation's own first calls timed:
+        # models.fast.OnlineChoice), the measurement inside the timed region; "auto cached": a later process on
+        # this host, which reads that measurement from the cache file
         evaluation._MEASURED.clear()
         torch.manual_seed(0)
         model = CVAE().to(device)
@@ -428,7 +432,7 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         assert out["n_sequences"] == n
         name = f"eval bs{bs}" + (" CL" if channels_last else "") + f" {algorithms}"
         chosen = out["inference_algorithms"] if algorithms.startswith("auto") else None
-        choose_s = out["inference_algorithms_s"]  # once per evaluation, not per sequence: not scaled
+        choose_s = out["inference_algorithms_s"]  # the screen and the timed calls' excess, once: not scaled
         s_256 = (sec - choose_s) * 256 / n + choose_s
         runs = res.get(name, {}).get("runs_s_256", []) + [s_256]  # a configuration listed again: best of its runs
         res[name] = {"batch_size": bs, "channels_last": channels_last, "algorithms": algorithms, "sequences_timed": n,
@@ -981,7 +985,9 @@ def main(args):
     device = torch.device("cuda" if use_cuda else "cpu")
     if use_cuda:
         torch.backends.cudnn.benchmark = True  # as train_fixed_prior.py: each convolution's fastest cuDNN kernel
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = dict(PLANS["quick" if args.quick else "full"])
+    if args.eval_seqs:
+        plan["eval_seqs"] = args.eval_seqs
     log = lambda s: print(s, flush=True)
     info = machine_info(device)
     info["malloc_keeps_freed_memory"] = malloc_tuned

@@ -88,17 +88,19 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
     sample_rows: with n_samples > 1, about this many rows (samples x sequences) per rollout call; it does
         not change the result.
     algorithms: how each 3x3 convolution's algorithm (direct or Winograd, models.fast.conv3x3) is chosen
-        in fp32 CPU inference: "auto" measures the model's layer shapes at this batch size once per process
-        (choose_inference_algorithms; a few seconds at full width), "rule" takes the fixed rule of
-        models.fast._algorithm_rule, "direct" the direct algorithm everywhere. The choice is returned
-        ("inference_algorithms", and the seconds it took, "inference_algorithms_s"); it changes the rounding
-        (~1e-5 per layer), not the function.
+        in fp32 CPU inference: "auto" measures the model's layer shapes at this batch size once per machine
+        (choose_algorithms: a screen on a few random rows, then the algorithms left timed on this
+        evaluation's own first calls, so that measuring costs only their differences on those calls), "rule"
+        takes the fixed rule of models.fast._algorithm_rule, "direct" the direct algorithm everywhere. The
+        choice is returned ("inference_algorithms", and what measuring it cost, "inference_algorithms_s": the
+        screen and the timed calls' excess over the chosen algorithm); it changes the rounding (~1e-5 per
+        layer; in a measuring evaluation, of its first calls a few run each candidate), not the function.
     BatchNorm runs in eval mode, folded into the layers before it (models.fast.inference_copy: `model`
     itself is not touched).
     """
     import fvd as fvd_module
     t_choose = time.perf_counter()
-    chosen = choose_algorithms(model, dataset, n_past, batch_size, device, amp, algorithms)
+    pending = choose_algorithms(model, dataset, n_past, batch_size, device, amp, algorithms)
     t_choose = time.perf_counter() - t_choose
     model = fast.inference_copy(model)
     loader = torch.utils.data.DataLoader(cond_ablation(dataset, cond_mode, seed), batch_size=batch_size,
@@ -170,6 +172,7 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
                 clip["posterior"] = recon[0].float().clamp(0, 1).cpu()
             kept[i] = clip
         offset += B
+    chosen, trial_s = settle_algorithms(pending, min(batch_size, len(dataset)))
     psnr, ssim = torch.cat(scores["psnr"]), torch.cat(scores["ssim"])  # (n, N, n_future)
     assert psnr.shape[0] == len(dataset), "every sequence must be scored exactly once"
     graded_psnr, graded_ssim, copy_psnr = psnr[:, 0], ssim[:, 0], torch.cat(copy_psnr)  # (n, n_future)
@@ -180,7 +183,7 @@ def evaluate(model, dataset, n_past, n_future, device, batch_size=32, num_worker
         "copy_last_psnr": copy_psnr.mean().item(), "copy_last_psnr_per_step": copy_psnr.mean(0).tolist(),
         "copy_last_ssim": torch.cat(copy_ssim).mean().item(),
         "per_sequence_psnr": graded_psnr.mean(1).tolist(), "clips": kept, "inference_algorithms": chosen,
-        "inference_algorithms_s": t_choose,
+        "inference_algorithms_s": t_choose + trial_s,
     }
     if lpips is not None:
         out["lpips"] = torch.cat(scores["lpips"])[:, 0].mean().item()
@@ -209,9 +212,11 @@ ALGORITHM_CACHE = os.path.join(os.environ.get("SVG_CVAE_CACHE") or os.path.expan
 
 def choose_algorithms(model, dataset, n_past, batch_size, device, amp="off", how="auto"):
     """Set the 3x3 inference algorithms for evaluate (see its `algorithms`) and return them ({layer shape:
-    algorithm}; {} where no choice applies: CUDA, reduced precision, models.fast.WINOGRAD off). "auto" times
-    only layer shapes not measured before, in this process or (ALGORITHM_CACHE) on this machine at this batch
-    size, on random frames (the run's RNG untouched), and stores what it measured."""
+    algorithm}; {} where no choice applies: CUDA, reduced precision, models.fast.WINOGRAD off). "auto" takes
+    the shapes measured before, in this process or (ALGORITHM_CACHE) on this machine at this batch size; the
+    others are screened on random frames (the run's RNG untouched) and, where more than one algorithm is
+    left, timed on the evaluation's own first calls (models.fast.OnlineChoice): settle_algorithms then stores
+    what was decided."""
     if device.type != "cpu" or amp != "off" or not fast.WINOGRAD or how == "direct":
         fast.set_inference_algorithms({})  # a layer not in the choice runs direct
         return {}
@@ -219,15 +224,29 @@ def choose_algorithms(model, dataset, n_past, batch_size, device, amp="off", how
         fast.set_inference_algorithms(None)
         return {"rule": "models.fast._algorithm_rule"}
     B = min(batch_size, len(dataset))
-    host = f"{cpu_info()[0]} | {torch.get_num_threads()} threads | torch {torch.__version__} | batch {B}"
-    stored = _read_algorithm_cache()
-    known = {**stored.get(host, {}), **_MEASURED}
+    known = {**_read_algorithm_cache().get(_host_key(B), {}), **_MEASURED}
     frames = torch.rand(B, n_past, *dataset[0][0].shape[1:], device=device)  # (B, n_past, C, H, W)
     conds = torch.zeros(B, n_past + 1, model.cond_dim, device=device) if model.cond_dim else None
     with torch.random.fork_rng(devices=[]):
-        new, _ = fast.choose_inference_algorithms(model, frames, conds, n_past, known=known)
-    _MEASURED.update(known, **new)
+        new, _ = fast.choose_inference_algorithms(model, frames, conds, n_past, known=known, online=True)
+    _MEASURED.update(known)
+    pending = {**_MEASURED, **new}
+    fast.set_inference_algorithms(pending)
+    return pending
+
+
+def settle_algorithms(pending, batch_size):
+    """After an evaluation that chose its algorithms with choose_algorithms: ({layer shape: algorithm} as
+    evaluated from now on, seconds the online timing cost: its calls' excess over the chosen algorithm's best).
+    The decided shapes are kept for this process and stored in ALGORITHM_CACHE; a shape whose calls were too
+    few to decide (a tiny evaluation) runs direct in the result and is measured again next time."""
+    decided = {k: v.result() for k, v in pending.items() if isinstance(v, fast.OnlineChoice)}
+    cost = sum(v.cost_s for v in pending.values() if isinstance(v, fast.OnlineChoice))
+    new = {k: v for k, v in decided.items() if v is not None}
+    chosen = {k: (v if not isinstance(v, fast.OnlineChoice) else v.result() or "direct") for k, v in pending.items()}
+    _MEASURED.update(new)
     if new and ALGORITHM_CACHE:
+        stored, host = _read_algorithm_cache(), _host_key(batch_size)
         stored[host] = {**stored.get(host, {}), **new}
         try:
             os.makedirs(os.path.dirname(ALGORITHM_CACHE), exist_ok=True)
@@ -236,8 +255,11 @@ def choose_algorithms(model, dataset, n_past, batch_size, device, amp="off", how
             os.replace(ALGORITHM_CACHE + ".tmp", ALGORITHM_CACHE)
         except OSError:
             pass  # a read-only home: the choice holds for this process
-    fast.set_inference_algorithms(_MEASURED)
-    return dict(_MEASURED)
+    return chosen, cost
+
+
+def _host_key(batch_size):
+    return f"{cpu_info()[0]} | {torch.get_num_threads()} threads | torch {torch.__version__} | batch {batch_size}"
 
 
 def _read_algorithm_cache():

@@ -75,8 +75,8 @@ def get_args_parser():
     p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
                    help="mixed precision for inference; auto = bf16 where the device has native bf16, else off")
     p.add_argument("--conv_algorithms", default="auto", choices=["auto", "rule", "direct"],
-                   help="3x3 convolutions in fp32 CPU inference: auto = per layer shape, direct or Winograd, whichever a "
-                        "short measurement at the start (a few seconds at full width) finds faster on this machine; "
+                   help="3x3 convolutions in fp32 CPU inference: auto = per layer shape, direct or Winograd, whichever "
+                        "is faster on this machine, measured once (a screen, then the first evaluation's own calls timed); "
                         "rule = the fixed rule measured on an AVX2 CPU; direct = no Winograd. Printed and saved in "
                         "metrics.json; it moves the rounding (~1e-5 per layer), not the function")
     p.add_argument("--compile_metrics", action="store_true",

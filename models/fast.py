@@ -17,7 +17,8 @@ What each trick replaces, and what it bought (docs/performance.md has the measur
   upsampled_conv     nearest 2x upsampling + 3x3 convolution as one stride-2 transposed convolution with
                      a 4x4 kernel: 16 instead of 36 multiply-adds per input pixel and channel pair.
   conv3x3            3x3 convolutions in CPU inference by Winograd F(6x6,3x3) (NNPACK) or F(4x4,3x3)
-                     (ours) where measured faster: 1.2-2.2x per layer at full width.
+                     (ours) where measured faster: 1.2-2.2x per layer at full width. OnlineChoice times
+                     the candidates on the evaluation's own calls, so that measuring costs little.
   inference_copy     a frozen eval copy with every BatchNorm folded into the layer before it.
   max_pool2x2        index-free max pooling in inference (~3x faster than the kernel that keeps argmax).
   predict            CVAE.predict with the given frames encoded in one call, skip terms once, and the
@@ -500,11 +501,57 @@ def conv3x3(x, weight, bias=None, transformed=None):
         if _RECORD_3X3 is not None:
             _RECORD_3X3.setdefault(algorithm_key(x.shape[1], weight.shape[0], *x.shape[-2:]), (x, weight, bias))
         algorithm = _algorithm(x.shape[1], weight.shape[0], *x.shape[-2:])
-        if algorithm == "f4":
-            return winograd_f4(x, transformed() if transformed else winograd_f4_weight(weight), bias)
-        if algorithm == "nnpack":
-            return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, [1, 1])
+        if isinstance(algorithm, OnlineChoice):
+            return algorithm(lambda name: _run_3x3(name, x, weight, bias, transformed), x.shape[0])
+        return _run_3x3(algorithm, x, weight, bias, transformed)
     return F.conv2d(x, weight, bias, padding=1)
+
+
+def _run_3x3(algorithm, x, weight, bias=None, transformed=None):
+    """The 3x3 convolution (padding 1) of x by `algorithm`: "direct", "nnpack" or "f4" (see conv3x3)."""
+    if algorithm == "f4":
+        return winograd_f4(x, transformed() if transformed else winograd_f4_weight(weight), bias)
+    if algorithm == "nnpack":
+        return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, [1, 1])
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+class OnlineChoice:
+    """A 3x3 layer shape whose inference algorithm is chosen by timing the evaluation's own calls.
+
+    Its calls take the candidate algorithms in turn (the one with the fewest calls at the call's number of
+    rows first, in the order given), each call timed on its real input; once every candidate has had one
+    warm-up and `repeats` timed calls at one number of rows, the fastest (by its best call) runs every later
+    call, a Winograd one only where it beats "direct" by min_gain, as choose_inference_algorithms decides.
+    What the measurement costs is then only the slower candidates' excess on those few calls, where timing
+    each candidate on inputs of its own costs their whole calls (the first evaluation on a machine paid 0.89x
+    the fastest path for that). The calls before the decision mix the candidates' rounding (~1e-5 relative
+    per layer), so only the first evaluation that measures a shape rounds a few of its layer calls apart."""
+
+    def __init__(self, candidates, repeats=2, min_gain=0.1):
+        self.candidates, self.repeats, self.min_gain = tuple(candidates), repeats, min_gain
+        self.samples = {}  # {rows: {candidate: [seconds of each call]}}
+        self.choice, self.cost_s = None, 0.0  # cost_s: the trial calls' excess over the chosen candidate's best
+
+    def __call__(self, run, rows):
+        """run(name) -> the convolution by that candidate; rows: the number of rows of its input."""
+        if self.choice is not None:
+            return run(self.choice)
+        times = self.samples.setdefault(rows, {name: [] for name in self.candidates})
+        name = min(self.candidates, key=lambda n: len(times[n]))
+        t0 = time.perf_counter()
+        y = run(name)
+        times[name].append(time.perf_counter() - t0)
+        if all(len(t) > self.repeats for t in times.values()):
+            best = {n: min(t[1:]) for n, t in times.items()}  # each candidate's first call is its warm-up
+            fastest = min(best, key=best.get)
+            self.choice = fastest if best[fastest] < (1 - self.min_gain) * best["direct"] else "direct"
+            self.cost_s = sum(s - best[self.choice] for t in times.values() for s in t)
+        return y
+
+    def result(self):
+        """The decision, or None while too few calls have been timed."""
+        return self.choice
 
 
 def _f4_weight(conv):
@@ -521,7 +568,8 @@ def _f4_weight(conv):
 
 def _algorithm(c_in, c_out, h, w):
     """The 3x3 inference algorithm of a layer: the one choose_inference_algorithms measured fastest on this
-    host where set_inference_algorithms was given its choice, else _algorithm_rule. The choice depends on the
+    host where set_inference_algorithms was given its choice (an OnlineChoice while it is being timed), else
+    _algorithm_rule. The choice depends on the
     layer only, never on the batch, so a sequence's prediction does not depend on the batch it is in."""
     if ALGORITHMS is not None:
         return ALGORITHMS.get(algorithm_key(c_in, c_out, h, w), "direct")
@@ -547,8 +595,9 @@ def _algorithm_rule(c_in, h, w):
 
 
 def set_inference_algorithms(choice):
-    """Use `choice` ({algorithm_key: "direct" | "nnpack" | "f4"}, as choose_inference_algorithms returns it;
-    a layer not in it runs direct) for every CPU inference convolution from now on; None: back to the rule."""
+    """Use `choice` ({algorithm_key: "direct" | "nnpack" | "f4" | an OnlineChoice}, as
+    choose_inference_algorithms returns it; a layer not in it runs direct) for every CPU inference
+    convolution from now on; None: back to the rule."""
     global ALGORITHMS
     ALGORITHMS = None if choice is None else dict(choice)
 
@@ -566,7 +615,7 @@ def keeps_inference_algorithms(fn):
 
 
 def choose_inference_algorithms(model, frames, conds, n_past, n_future=1, repeats=2, min_gain=0.1, known=(),
-                                screen_rows=4, screen_loss=1.5):
+                                screen_rows=4, screen_loss=1.5, online=False):
     """Which algorithm computes each 3x3 convolution of CPU inference fastest on this host.
 
     One predict of inference_copy(model) on a row of (frames, conds) records every distinct 3x3 layer shape
@@ -582,7 +631,11 @@ def choose_inference_algorithms(model, frames, conds, n_past, n_future=1, repeat
     direct one by min_gain, so that timing noise does not trade exact-as-possible rounding for nothing.
     `model` is not changed; apply the result with set_inference_algorithms. Layer shapes in `known` are not
     timed again. Returns ({algorithm_key: algorithm}, {algorithm_key: {algorithm: seconds}}) for the shapes
-    timed (a screened-out algorithm's entry is its screen time scaled to the batch)."""
+    timed (a screened-out algorithm's entry is its screen time scaled to the batch).
+
+    online: after the screen, the shapes with more than one candidate left are not timed here: their entry is
+    an OnlineChoice, which times the candidates on the caller's own calls (evaluation.evaluate's first
+    batch) and decides there, and their times are the screen's."""
     probe = inference_copy(model)
     # The layer shapes from a predict of one row (cheap); each layer's first input at the batch has its rows
     # times the batch (the given frames are encoded together), which random values stand in for: the
@@ -593,28 +646,29 @@ def choose_inference_algorithms(model, frames, conds, n_past, n_future=1, repeat
         for key, (x1, weight, bias) in recorded.items():
             if key in known:
                 continue
-            x = torch.rand(x1.shape[0] * frames.shape[0], *x1.shape[1:], dtype=x1.dtype, device=x1.device)
+            rows = x1.shape[0] * frames.shape[0]
+            x = torch.rand(screen_rows if online else rows, *x1.shape[1:], dtype=x1.dtype, device=x1.device)
             weight = weight.contiguous()
             u = winograd_f4_weight(weight) if x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0 else None
+            names = ["direct"] + ["nnpack"] * _nnpack_available() + ["f4"] * (u is not None)
 
             def runs(x):
-                out = {"direct": lambda: F.conv2d(x, weight, bias, padding=1)}
-                if _nnpack_available():
-                    out["nnpack"] = lambda: torch._nnpack_spatial_convolution(x, weight, bias, [1, 1])
-                if u is not None:
-                    out["f4"] = lambda: winograd_f4(x, u, bias)
-                return out
+                return {name: functools.partial(_run_3x3, name, x, weight, bias, lambda: u) for name in names}
             small = x[:screen_rows].contiguous()
             screen = {name: best_time(fn, x.device, 1) for name, fn in runs(small).items()}
             keep = {name: fn for name, fn in runs(x).items()
                     if name == "direct" or screen[name] <= screen_loss * min(screen.values())}
+            scale = rows / small.shape[0]
+            if online:
+                times[key] = {name: t * scale for name, t in screen.items()}
+                choice[key] = OnlineChoice(keep, repeats, min_gain) if len(keep) > 1 else "direct"
+                continue
             best = dict.fromkeys(keep, float("inf"))
             for name, fn in keep.items():
                 fn()  # warm-up
             for _ in range(repeats):
                 for name, fn in keep.items():
                     best[name] = min(best[name], best_time(fn, x.device, 0))
-            scale = x.shape[0] / small.shape[0]
             times[key] = {name: best.get(name, screen[name] * scale) for name in screen}
             fastest = min(best, key=best.get)
             choice[key] = fastest if best[fastest] < (1 - min_gain) * best["direct"] else "direct"

@@ -106,32 +106,39 @@ def test_lpips_scores_and_diversity_against_a_naive_loop(sim_root, tmp_path):
 
 
 def test_measured_conv_algorithms_score_as_the_direct_ones(sim_root, tmp_path, monkeypatch):
-    """evaluate(algorithms="auto") measures each 3x3 layer shape once per process and returns its choice; the
-    scores equal the direct algorithm's up to rounding; "direct" and "rule" need no measurement."""
+    """evaluate(algorithms="auto") screens each 3x3 layer shape once per process, times the candidates left on
+    the evaluation's own calls and returns its choice; the scores equal the direct algorithm's up to rounding
+    and, once chosen, do not depend on the batch; "direct" and "rule" need no measurement; a new process reads
+    the choice from the cache file."""
     monkeypatch.setattr(evaluation, "_MEASURED", {})
     monkeypatch.setattr(evaluation, "ALGORITHM_CACHE", str(tmp_path / "conv_algorithms.json"))
     monkeypatch.setattr(fast, "ALGORITHMS", None)
-    args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=3, n_eval=0, cache_dir=str(tmp_path), quiet=True)
+    args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=10, n_eval=0, cache_dir=str(tmp_path), quiet=True)
     ds = bair_robot_pushing_dataset(args, "test")
     torch.manual_seed(0)
     model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=8, cond_embed_dim=4).eval()
-    cpu, measured = torch.device("cpu"), []
+    cpu, measured, trials = torch.device("cpu"), [], []
     choose = fast.choose_inference_algorithms
     monkeypatch.setattr(fast, "choose_inference_algorithms", lambda *a, **k: measured.append(a[1].shape) or choose(*a, **k))
-    auto = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3)
+    init = fast.OnlineChoice.__init__
+    monkeypatch.setattr(fast.OnlineChoice, "__init__", lambda self, *a, **k: trials.append(self) or init(self, *a, **k))
+    auto = evaluation.evaluate(model, ds, 2, 10, cpu, batch_size=3)
     assert measured == [(3, 2, 3, 64, 64)] and "8->8@64x64" in auto["inference_algorithms"]
     assert set(auto["inference_algorithms"].values()) <= {"direct", "nnpack", "f4"}
-    again = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=2)
-    assert again["inference_algorithms"] == auto["inference_algorithms"] and again["psnr"] == pytest.approx(auto["psnr"], abs=1e-6)
-    direct = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3, algorithms="direct")
+    assert trials and all(t.result() is not None for t in trials)  # every timed shape decided in the first batch
+    assert evaluation._MEASURED == auto["inference_algorithms"]  # ... and is kept
+    assert auto["inference_algorithms_s"] >= sum(t.cost_s for t in trials) >= 0
+    direct = evaluation.evaluate(model, ds, 2, 10, cpu, batch_size=3, algorithms="direct")
     assert direct["inference_algorithms"] == {} and direct["psnr"] == pytest.approx(auto["psnr"], abs=1e-4)
+    again = evaluation.evaluate(model, ds, 2, 10, cpu, batch_size=2)
+    assert again["inference_algorithms"] == auto["inference_algorithms"] and again["psnr"] == pytest.approx(auto["psnr"], abs=1e-4)
     assert fast.ALGORITHMS is None  # each evaluation's choice lasts only for that evaluation
-    evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3, algorithms="rule")
-    assert len(measured) == 2  # the second call only recorded the shapes, all known: nothing timed
-    # a new process reads the choice from the cache file and times nothing
+    evaluation.evaluate(model, ds, 2, 10, cpu, batch_size=3, algorithms="rule")
+    assert len(measured) == 2  # the second "auto" call only recorded the shapes, all known: nothing timed
+    # a new process reads the choice from the cache file and times nothing; the scores do not depend on the batch
     monkeypatch.setattr(evaluation, "_MEASURED", {})
-    timed = []
+    timed, n_trials = [], len(trials)
     monkeypatch.setattr(fast, "best_time", lambda *a, **k: timed.append(1) or 1.0)
-    later = evaluation.evaluate(model, ds, 2, 3, cpu, batch_size=3)
-    assert later["inference_algorithms"] == auto["inference_algorithms"] and later["psnr"] == auto["psnr"]
-    assert timed == []
+    later = evaluation.evaluate(model, ds, 2, 10, cpu, batch_size=3)
+    assert later["inference_algorithms"] == auto["inference_algorithms"] and later["psnr"] == pytest.approx(again["psnr"], abs=1e-6)
+    assert timed == [] and len(trials) == n_trials

@@ -136,6 +136,55 @@ def test_measured_inference_algorithms_are_used_and_match_direct(monkeypatch):
     torch.testing.assert_close(pred, ref, atol=1e-5, rtol=0)
 
 
+def test_online_choice_times_the_callers_calls_and_keeps_the_fastest(monkeypatch):
+    """OnlineChoice runs the candidates in turn on the caller's own calls, counted per number of rows, and
+    after one warm-up and `repeats` timed calls of each keeps the fastest for every later call; a Winograd
+    candidate must beat direct by min_gain; its cost is the trial calls' excess over the winner's best."""
+    clock, ran = [0.0], []
+    monkeypatch.setattr(fast.time, "perf_counter", lambda: clock[0])
+
+    def run_with(seconds):
+        def run(name):
+            ran.append(name)
+            clock[0] += seconds[name]
+            return name
+        return run
+    choice = fast.OnlineChoice(["direct", "nnpack", "f4"], repeats=2)
+    run = run_with({"direct": 3.0, "nnpack": 1.0, "f4": 2.0})
+    assert [choice(run, 8) for _ in range(8)] == ["direct", "nnpack", "f4"] * 2 + ["direct", "nnpack"]
+    assert choice.result() is None
+    assert choice(run, 4) == "direct" and choice.result() is None  # another number of rows: counted apart
+    assert choice(run, 8) == "f4" and choice.result() == "nnpack"  # the 3rd call of each at 8 rows decides
+    assert choice.cost_s == 3 * (3.0 - 1.0) + 3 * (2.0 - 1.0)  # warm-ups included; the 4-row call not counted
+    assert [choice(run, r) for r in (8, 4, 2)] == ["nnpack"] * 3
+    tie = fast.OnlineChoice(["direct", "f4"], repeats=1)
+    run = run_with({"direct": 1.0, "f4": 0.95})  # under 10% faster: direct's exact-as-possible rounding wins
+    assert [tie(run, 2) for _ in range(5)] == ["direct", "f4", "direct", "f4", "direct"] and tie.result() == "direct"
+
+
+def test_online_inference_algorithms_match_direct():
+    """conv3x3 under an OnlineChoice: every call, timed or decided, is the convolution up to the algorithms'
+    rounding, and a predict decides the shapes it calls often enough."""
+    model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=8).eval()
+    frames, conds, noise = torch.rand(2, 12, 3, 64, 64), torch.randn(2, 12, 7), torch.randn(2, 11, 4)
+    try:
+        with torch.no_grad():
+            fast.set_inference_algorithms({})
+            ref = fast.predict(model, frames, conds, 2, 10, noise)
+            choice, times = fast.choose_inference_algorithms(model, frames, conds, 2, screen_rows=1, screen_loss=100,
+                                                             online=True)
+            online = {k: v for k, v in choice.items() if isinstance(v, fast.OnlineChoice)}
+            assert online and set(choice) == set(times)  # every shape that can take Winograd is timed online
+            assert all(v == "direct" for k, v in choice.items() if k not in online)
+            fast.set_inference_algorithms(choice)
+            pred = fast.predict(model, frames, conds, 2, 10, noise)
+            assert all(v.result() in v.candidates for v in online.values())
+            torch.testing.assert_close(pred, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(fast.predict(model, frames, conds, 2, 10, noise), ref, atol=1e-5, rtol=0)
+    finally:
+        fast.set_inference_algorithms(None)
+
+
 def test_condconv_with_one_expert_is_a_convolution():
     """CondConv with K=1 and routing weight 1 is the plain convolution with that kernel; with K experts each
     example gets its own mix, as separate convolutions would compute it; its BatchNorm folds into the experts."""
