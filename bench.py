@@ -113,7 +113,7 @@ PLANS = {
                  train=[(12, 1, 3, None), (24, 0, 1, (REFERENCE, "best fp32"))],
                  bf16=("bf16 batched", "bf16 batched CL"), eval_seqs=32,
                  eval_configs=((32, False, "direct"), (32, False, "rule"), (32, False, "auto"), (32, False, "auto cached"),
-                               (32, False, "direct"), (32, False, "rule"), (32, False, "auto cached")),
+                               (32, False, "direct"), (32, False, "rule"), (32, False, "auto"), (32, False, "auto cached")),
                  metric_seqs=256, metric_repeats=3, finn_seqs=16, conv_repeats=3,
                  recipe_rounds={"demo/long recipe (width 8, batch 4, FiLM, EMA)": (5, 3), "full width (batch 12)": (2, 1)}),
     "quick": dict(data=(16, 8, 16), cache_reads=500, png_reads=20, headline_batch=2,
@@ -413,6 +413,8 @@ def bench_eval(data_root, cache_dir, device, plan, log):
         # models.fast.OnlineChoice), the measurement inside the timed region; "auto cached": a later process on
         # this host, which reads that measurement from the cache file
         evaluation._MEASURED.clear()
+        if algorithms == "auto" and os.path.exists(evaluation.ALGORITHM_CACHE):
+            os.remove(evaluation.ALGORITHM_CACHE)  # each "auto" is a first evaluation on the machine
         torch.manual_seed(0)
         model = CVAE().to(device)
         if channels_last:
