@@ -16,7 +16,8 @@ METRIC_FIELDS = ["epoch", "step", "loss", "mse", "kld", "beta", "tfr", "lr", "va
 
 def run_name(args):
     """Run directory name as the course sample forms it; the additions (a learned prior, no conditions, spatial
-    latent levels, a modulated decoder, the pixel-motion output) are appended only when used, so the course's configurations keep the course's names."""
+    latent levels, a modulated decoder, the pixel-motion output, BatchNorm statistics over the clip) are appended
+    only when used, so the course's configurations keep the course's names."""
     name = ("rnn_size=%d-predictor-posterior-rnn_layers=%d-%d-n_past=%d-n_future=%d-lr=%.4f-g_dim=%d-z_dim=%d"
             "-last_frame_skip=%s-beta=%.7f" % (args.rnn_size, args.predictor_rnn_layers, args.posterior_rnn_layers,
                                                 args.n_past, args.n_future, args.lr, args.g_dim, args.z_dim,
@@ -33,6 +34,8 @@ def run_name(args):
             name += f"-experts={args.condconv_experts}"
     if getattr(args, "motion", "none") != "none":
         name += f"-motion={args.motion}-{args.motion_kernels}"
+    if getattr(args, "bn_stats", "step") != "step":
+        name += f"-bn_stats={args.bn_stats}"
     return name
 
 

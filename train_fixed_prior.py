@@ -32,7 +32,7 @@ import evaluation
 import fvd
 from dataset import CONDITIONS, DataError, bair_robot_pushing_dataset
 from kl_annealing import ema_decay, kl_weight_from_args, learning_rate_from_args, teacher_forcing_ratio_from_args
-from models import ARCH_KEYS, COND_CONVS, CVAE, MOTIONS, PRIORS, fast
+from models import ARCH_KEYS, BN_STATS, COND_CONVS, CVAE, MOTIONS, PRIORS, fast
 from run_log import RunLog, run_name
 
 
@@ -95,6 +95,10 @@ def get_args_parser():
       help="1: the global z alone (SVG); 2: also a spatial latent at 8x8; 3: also at 16x16. Each spatial level has "
            "its own top-down posterior and prior (N(0, I), or a conv head with --prior learned); KL = sum over levels")
     g("--z_spatial_dim", type=int, default=4, help="channels of each spatial latent level (with --latent_levels > 1)")
+    g("--bn_stats", default="step", choices=list(BN_STATS),
+      help="BatchNorm statistics of the encoder and decoder in training: step = per time step over the batch (SVG: "
+           "each step's call is its own batch); clip = over every frame of the batch's clips at once (B x T), which "
+           "needs teacher forcing (--tfr 1) and lets a batch of 2 train (docs/performance.md, time to quality)")
     g("--motion", default="none", choices=list(MOTIONS),
       help="none: the decoder paints each frame (SVG); cdna / flow: each frame mixes, with per-pixel masks, the "
            "decoder's image and the step's input frame moved by --motion_kernels 5x5 kernels (CDNA, Finn et al. "
@@ -170,6 +174,10 @@ def check_args(args, parser):
         e(f"--warmup {args.warmup} must be >= 0 and --min_lr_ratio {args.min_lr_ratio} in [0, 1]")
     if args.beta < 0 or args.free_bits < 0 or args.grad_clip < 0 or args.save_every < 0 or args.num_workers < 0 or args.tfr_start_decay_epoch < 0:
         e("--beta, --free_bits, --grad_clip, --save_every, --num_workers and --tfr_start_decay_epoch must be >= 0")
+    if args.bn_stats == "clip" and (args.tfr < 1 or (args.tfr_decay_step > 0 and args.tfr_lower_bound < 1)):
+        e(f"--bn_stats clip normalises over every frame of the clip at once, which needs them all in advance: it "
+          f"trains with teacher forcing only (--tfr 1 and no decay; given --tfr {args.tfr}, --tfr_decay_step "
+          f"{args.tfr_decay_step}, --tfr_lower_bound {args.tfr_lower_bound})")
     if args.cond_conv != "none" and args.cond == "none":
         e(f"--cond_conv {args.cond_conv} modulates the decoder by the condition, and --cond none gives it none: "
           f"use --cond_conv none, or a condition (--cond action_pos or action)")

@@ -27,8 +27,12 @@ from .vgg_64 import COND_CONVS, CondConv2d, FiLM, vgg_decoder, vgg_encoder
 # test.py rebuilds the model without architecture flags.
 ARCH_KEYS = ("g_dim", "z_dim", "rnn_size", "predictor_rnn_layers", "posterior_rnn_layers", "cond_dim",
              "cond_embed_dim", "base_channels", "last_frame_skip", "prior", "prior_rnn_layers", "cond_conv",
-             "condconv_experts", "latent_levels", "z_spatial_dim", "motion", "motion_kernels")
+             "condconv_experts", "latent_levels", "z_spatial_dim", "motion", "motion_kernels", "bn_stats")
 PRIORS = ("fixed", "learned")
+# BatchNorm's training statistics: per time step over the batch's B frames (SVG: each step's encoder,
+# frame-predictor and decoder call is its own batch), or over every frame of the clip at once (B * T),
+# which trains teacher-forced only. Inference (running statistics) is the same function either way.
+BN_STATS = ("step", "clip")
 MOTIONS = ("none", "cdna", "flow")  # the frame as the decoder paints it, or a PixelMotion kind
 
 
@@ -150,8 +154,10 @@ class CVAE(nn.Module):
     def __init__(self, g_dim=128, z_dim=64, rnn_size=256, predictor_rnn_layers=2, posterior_rnn_layers=1,
                  cond_dim=7, cond_embed_dim=32, base_channels=64, last_frame_skip=False, prior="fixed",
                  prior_rnn_layers=1, cond_conv="none", condconv_experts=4, latent_levels=1, z_spatial_dim=4,
-                 motion="none", motion_kernels=4):
+                 motion="none", motion_kernels=4, bn_stats="step"):
         super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats={bn_stats!r}: expected one of {BN_STATS}")
         if motion not in MOTIONS:
             raise ValueError(f"motion={motion!r}: expected one of {MOTIONS}")
         if prior not in PRIORS:
@@ -162,6 +168,7 @@ class CVAE(nn.Module):
             raise ValueError(f"cond_conv={cond_conv!r} modulates the decoder by the condition, and there is none "
                              f"(cond_dim=0, --cond none): use cond_conv='none'")
         self.g_dim, self.z_dim, self.cond_dim, self.last_frame_skip = g_dim, z_dim, cond_dim, last_frame_skip
+        self.bn_stats = bn_stats
         self.latent_levels = latent_levels
         e = cond_embed_dim if cond_dim else 0
         self.encoder = vgg_encoder(g_dim, base_channels)
@@ -216,10 +223,18 @@ class CVAE(nn.Module):
         and averaged over the batch; mse_per_step (T-1,); kl (T-1, z_dim), the global z's KL per step and
         dimension, averaged over the batch; kl_levels (latent_levels,), each level's KL summed over steps
         and dimensions, averaged over the batch, global z first (kld is their sum).
+
+        With bn_stats="clip" a model in training mode normalises over the whole clip (forward_clip).
         """
+        clip = self.bn_stats == "clip" and self.training
+        if clip and not teacher_forcing:
+            raise ValueError("bn_stats='clip' normalises over every frame of the clip at once, which needs them all "
+                             "in advance: it trains with teacher forcing only (--tfr 1)")
         if batched:
             from . import fast
             return (fast.forward_batched if teacher_forcing else fast.forward_fed_back)(self, frames, conds, n_past, noise)
+        if clip:
+            return self.forward_clip(frames, conds, n_past, noise)
         B, T = frames.shape[:2]
         noise, spatial = self.draw_noise(noise, B, T, frames.device)
         c = self.embed_conditions(conds, B, T)  # (B, T-1, E)
@@ -246,6 +261,34 @@ class CVAE(nn.Module):
                 skips = skips_in
         kl_spatial = [torch.stack(k, 1) for k in zip(*kls_spatial)]  # each level's (B, T-1)
         return self.losses(frames, torch.stack(preds, 1), torch.stack(kls, 1), kl_spatial)
+
+    def forward_clip(self, frames, conds, n_past, noise=None):
+        """forward under teacher forcing with BatchNorm statistics over the clip (bn_stats="clip"): the
+        encoder sees every frame of the clip in one call, and the frame predictor's head and the decoder every
+        step in one call, so that each BatchNorm normalises over all B * T frames (B * (T-1) steps) instead of
+        each step's B. The recurrent cells step as in forward. Same arguments and result."""
+        B, T = frames.shape[:2]
+        noise, spatial = self.draw_noise(noise, B, T, frames.device)
+        c = self.embed_conditions(conds, B, T)  # (B, T-1, E)
+        h, skips = self.encoder(frames.flatten(0, 1))  # (B*T, g), skips (B*T, c, r, r): rows b * T + t
+        h, skips = h.view(B, T, -1), [s.view(B, T, *s.shape[1:]) for s in skips]
+        state_q = state_p = state_f = None
+        hids, kls = [], []
+        predictor = self.frame_predictor
+        for t in range(1, T):
+            z, mu_q, logvar_q, state_q = self.posterior(h[:, t], state_q, noise[:, t - 1])  # q(z_t | x_{1:t})
+            mu_p, logvar_p, state_p = self.prior_step(h[:, t - 1], state_p)  # p(z_t | x_{1:t-1})
+            hid, state_f = predictor.cell_step(predictor.embed(torch.cat([h[:, t - 1], z, c[:, t - 1]], 1)), state_f)
+            hids.append(hid)
+            kls.append(kl_divergence(mu_q, logvar_q, mu_p, logvar_p))  # (B, z_dim)
+        rows = lambda x: x.flatten(0, 1)  # (B, T-1, ...) -> (B*(T-1), ...), rows b * (T-1) + t - 1
+        g = predictor.output(rows(torch.stack(hids, 1)))  # the frame predictor's head on every step at once
+        # Step t's skips: from frame t-1 with last_frame_skip, else from the last given frame before it.
+        src = [t - 1 if self.last_frame_skip else min(t - 1, n_past - 1) for t in range(1, T)]
+        x_hat, stats = self.decode(g, [rows(s[:, src]) for s in skips], rows(c),
+                                   [rows(s[:, 1:]) for s in skips], [rows(n) for n in spatial], rows(frames[:, :-1]))
+        kl_spatial = [kl_divergence(*st).sum((1, 2, 3)).view(B, T - 1) for st in stats]  # each level's (B, T-1)
+        return self.losses(frames, x_hat.view(B, T - 1, *x_hat.shape[1:]), torch.stack(kls, 1), kl_spatial)
 
     def predict(self, frames, conds, n_past, n_future, noise=None, posterior=False, track=None):
         """Predict frames n_past..n_past+n_future-1 from the given frames 0..n_past-1 (no teacher forcing).

@@ -63,25 +63,27 @@ _RECORD_3X3 = None  # while choose_inference_algorithms records: {algorithm_key:
 # Rollouts
 def forward_batched(model, frames, conds, n_past, noise=None):
     """CVAE.forward(frames, conds, n_past, teacher_forcing=True, noise): the same losses, gradients and
-    BatchNorm running statistics, with the encoder and decoder called once per clip."""
+    BatchNorm running statistics, with the encoder and decoder called once per clip (with bn_stats="clip",
+    CVAE.forward_clip's, whose BatchNorm statistics are the whole clip's)."""
     B, T = frames.shape[:2]
     steps = T - 1
+    per_step = not (model.bn_stats == "clip" and model.training)
     noise, spatial = model.draw_noise(noise, B, T, frames.device)
-    h, skips = encode(model.encoder, frames)  # (B, T, g), skips (B, T, c, r, r)
+    h, skips = encode(model.encoder, frames, per_step)  # (B, T, g), skips (B, T, c, r, r)
     mu_q, logvar_q = gaussian_lstm_sequence(model.posterior, h[:, 1:])  # q(z_t | x_{1:t}), t = 1..T-1
     z = reparameterize(mu_q, logvar_q, noise)
     mu_p = logvar_p = None
     if model.prior is not None:
         mu_p, logvar_p = gaussian_lstm_sequence(model.prior, h[:, :-1])  # p(z_t | x_{1:t-1})
     c = model.embed_conditions(conds, B, T)
-    g = lstm_sequence(model.frame_predictor, torch.cat([h[:, :-1], z, c], -1))  # (B, T-1, g)
+    g = lstm_sequence(model.frame_predictor, torch.cat([h[:, :-1], z, c], -1), per_step=per_step)  # (B, T-1, g)
     # Step t's skips come from frame min(t-1, n_past-1): skip terms once per distinct skip frame, the
     # later steps reuse the last one (an expand, whose gradient is a sum, not a gather).
     n_skip = steps if model.last_frame_skip else min(n_past, steps)
     terms = skip_terms(model.decoder, [s[:, :n_skip] for s in skips])  # each (B, n_skip, c, r, r)
     terms = [torch.cat([t, t[:, -1:].expand(-1, steps - n_skip, -1, -1, -1)], 1) for t in terms]
     # The spatial levels' posteriors see the true frames 1..T-1: step t's targets are frame t's skips.
-    pred, stats = decode(model.decoder, g, terms, c, [s[:, 1:] for s in skips], spatial)  # (B, T-1, C, H, W)
+    pred, stats = decode(model.decoder, g, terms, c, [s[:, 1:] for s in skips], spatial, per_step)  # (B, T-1, C, H, W)
     pred = model.compose(pred, frames[:, :-1], g)  # step t's input frame is frame t-1
     return model.losses(frames, pred, kl_divergence(mu_q, logvar_q, mu_p, logvar_p), _spatial_kl(stats))
 
@@ -167,12 +169,13 @@ def predict(model, frames, conds, n_past, n_future, noise=None, posterior=False,
     return torch.stack(preds, 1) if track is None else (torch.stack(preds, 1), normalise_maps(torch.stack(maps, 1)))
 
 
-def lstm_sequence(net, x, state=None):
+def lstm_sequence(net, x, state=None, per_step=True):
     """models.lstm.lstm over a sequence x (B, T, D) -> (B, T, out): the embedding and the head run once
-    on all B*T rows, the head's BatchNorm with statistics per step; the cells step through T."""
+    on all B*T rows, the head's BatchNorm with statistics per step (per_step=False: over all rows); the cells
+    step through T."""
     B, T = x.shape[:2]
     hid = _cells(net, x, state)
-    return run_per_step(net.output, hid.reshape(B * T, -1), T).reshape(B, T, -1)  # BatchNorm1d wants (N, C)
+    return run_per_step(net.output, hid.reshape(B * T, -1), T if per_step else 1).reshape(B, T, -1)  # BatchNorm1d wants (N, C)
 
 
 def gaussian_lstm_sequence(net, x, state=None):
@@ -215,16 +218,17 @@ def _cells_per_step(net, x, state):
 
 # ----------------------------------------------------------------------------------------------------
 # Encoder and decoder on whole clips
-def encode(encoder, frames):
+def encode(encoder, frames, per_step=True):
     """vgg_encoder on every frame of a clip: frames (B, T, C, H, W) -> h (B, T, g) and the skips, each
-    (B, T, c, r, r); BatchNorm statistics per time step in training."""
+    (B, T, c, r, r); BatchNorm statistics per time step in training (per_step=False: over the clip)."""
     B, T = frames.shape[:2]
+    S = T if per_step else 1  # the steps batch_norm_per_step normalises apart
     x = frames.reshape(B * T, *frames.shape[2:])  # batch-major rows: b * T + t
-    h1 = run_per_step(encoder.c1, x, T)
-    h2 = run_per_step(encoder.c2, max_pool2x2(h1), T)
-    h3 = run_per_step(encoder.c3, max_pool2x2(h2), T)
-    h4 = run_per_step(encoder.c4, max_pool2x2(h3), T)
-    h5 = run_per_step(encoder.c5, max_pool2x2(h4), T)  # (B*T, g, 1, 1)
+    h1 = run_per_step(encoder.c1, x, S)
+    h2 = run_per_step(encoder.c2, max_pool2x2(h1), S)
+    h3 = run_per_step(encoder.c3, max_pool2x2(h2), S)
+    h4 = run_per_step(encoder.c4, max_pool2x2(h3), S)
+    h5 = run_per_step(encoder.c5, max_pool2x2(h4), S)  # (B*T, g, 1, 1)
     return h5.reshape(B, T, -1), [s.reshape(B, T, *s.shape[1:]) for s in (h1, h2, h3, h4)]
 
 
@@ -251,16 +255,18 @@ def skip_terms(decoder, skips):
     return terms[::-1]
 
 
-def decode(decoder, g, terms, c=None, targets=None, noise=()):
+def decode(decoder, g, terms, c=None, targets=None, noise=(), per_step=True):
     """vgg_decoder on every step of a clip: g (B, T, dim), terms = skip_terms() of each step's skips
     (B, T, ...), c the steps' condition embeddings (B, T, E) (used with cond_conv); with spatial latent
     levels, targets the true frames' skips (B, T, ...) for posterior z or None for prior z, and noise
     [(B, T, zs, r, r) per level]. Returns frames (B, T, C, H, W) and the levels' (mu_q, logvar_q, mu_p,
-    logvar_p), each (B, T, zs, r, r) or None; BatchNorm statistics per time step in training."""
+    logvar_p), each (B, T, zs, r, r) or None; BatchNorm statistics per time step in training (per_step=False:
+    over all B * T rows)."""
     B, T = g.shape[:2]
+    S = T if per_step else 1  # the steps batch_norm_per_step normalises apart
     rows = lambda x: None if x is None else x.reshape(B * T, *x.shape[2:])  # batch-major rows, as g's
     c = rows(c)
-    d = run_per_step(decoder.upc1, g.reshape(B * T, -1, 1, 1), T)  # (B*T, 8b, 4, 4)
+    d = run_per_step(decoder.upc1, g.reshape(B * T, -1, 1, 1), S)  # (B*T, 8b, 4, 4)
     stats = []
     for i, (block, t) in enumerate(zip(decoder.blocks(), reversed(terms))):  # 8x8, 16x16, 32x32, 64x64
         films = iter(decoder.film[i]) if decoder.film is not None else itertools.repeat(None)
@@ -277,12 +283,12 @@ def decode(decoder, g, terms, c=None, targets=None, noise=()):
             z, st = decoder.latent(i, u, None if targets is None else rows(targets[-1 - i]), rows(noise[i]))
             stats.append([None if s is None else s.reshape(B, T, *s.shape[1:]) for s in st])
             x = x + decoder.z_inject[i](z)
-        d = _vgg_layer_rest(block[0], x, T, c, next(films))
+        d = _vgg_layer_rest(block[0], x, S, c, next(films))
         for layer in block[1:]:
             if isinstance(layer, vgg_layer):
-                d = _vgg_layer_rest(layer, _conv(layer[0], d, T, c), T, c, next(films))
+                d = _vgg_layer_rest(layer, _conv(layer[0], d, S, c), S, c, next(films))
             else:
-                d = run_per_step(layer, d, T)
+                d = run_per_step(layer, d, S)
     return d.reshape(B, T, *d.shape[1:]), stats
 
 

@@ -2,6 +2,8 @@
 rollout (losses, gradients, BatchNorm statistics), the inference rollout, skip terms, the upsampled
 convolution, Winograd, BatchNorm folding; both priors, with and without conditions, with the decoder
 modulated by the condition (FiLM, CondConv), with spatial latent levels and with the pixel-motion output."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,9 +335,15 @@ def test_fast_rollouts_match_the_plain_model(kw):
             torch.testing.assert_close(fast.predict(copy, x, c, 3, 5, noise, posterior=posterior), p, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", inner_loop(VARIANTS, INNER))
+# BatchNorm statistics over the clip: its plain form is CVAE.forward_clip
+CLIP = [dict(bn_stats="clip", cond_conv="film"), dict(bn_stats="clip", latent_levels=3, prior="learned", cond_conv="film",
+        z_spatial_dim=2), dict(bn_stats="clip", motion="flow", motion_kernels=2, last_frame_skip=True)]
+
+
+@pytest.mark.parametrize("kw", inner_loop(VARIANTS + CLIP, INNER + CLIP[:1]))
 def test_batched_rollout_trains_as_per_step(kw):
-    """In training, too: the same losses, gradients and BatchNorm running statistics. In float64: the two
+    """In training, too: the same losses, gradients and BatchNorm running statistics (with bn_stats="clip",
+    those of the plain CVAE.forward_clip). In float64: the two
     rollouts sum in different orders, and in float32 that rounding alone moves some gradients by 1e-3 of
     their size on AVX-512 hosts (and the spatial levels' KL, nats at initialisation, makes the gradients
     of the biases before a BatchNorm, zero in exact arithmetic, show rounding of ~1e-4)."""
@@ -357,6 +365,30 @@ def test_batched_rollout_trains_as_per_step(kw):
         torch.testing.assert_close(grad_a[name], grad_b[name], atol=1e-5, rtol=1e-3, msg=name)
     for name in state_a:  # running means, variances and counts of every BatchNorm
         torch.testing.assert_close(state_a[name], state_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_clip_statistics_change_training_only():
+    """bn_stats="clip" normalises the encoder and decoder over the whole clip in training: other losses and
+    running statistics than per step (the encoder's first BatchNorm receives the mean over all B * T frames),
+    the same model in eval mode; without teacher forcing it refuses to train."""
+    step, x, c, noise = _model(cond_conv="film")
+    clip = copy.deepcopy(step)
+    clip.bn_stats = "clip"
+    with torch.no_grad():
+        for batched in (False, True):
+            torch.testing.assert_close(clip(x, c, 2, noise=noise, batched=batched)["pred"],
+                                       step(x, c, 2, noise=noise, batched=batched)["pred"], atol=0, rtol=0)
+        bn = clip.encoder.c1[0][1]
+        m, before = bn.momentum, bn.running_mean.clone()
+        clip.train(), step.train()
+        a, b = clip(x, c, 2, noise=noise, batched=True), step(x, c, 2, noise=noise, batched=True)
+        assert (a["mse"] - b["mse"]).abs() > 1e-6
+        frames_mean = clip.encoder.c1[0][0](x.flatten(0, 1)).mean((0, 2, 3))  # the first conv's output, all frames
+        torch.testing.assert_close(bn.running_mean, (1 - m) * before + m * frames_mean, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="teacher forcing"):
+        clip(x, c, 2, teacher_forcing=False, noise=noise)
+    with pytest.raises(ValueError, match="bn_stats"):
+        CVAE(bn_stats="frame")
 
 
 @pytest.mark.parametrize("kw", inner_loop(VARIANTS[:3] + EXTRAS, [VARIANTS[0], EXTRAS[3]]))

@@ -27,7 +27,7 @@ def save_tiny_run(d, motion="none"):
     model = CVAE(**TINY_ARCH, motion=motion, motion_kernels=2)
     arch = dict(TINY_ARCH, predictor_rnn_layers=2, posterior_rnn_layers=1, cond_dim=7, last_frame_skip=False,
                 prior="fixed", prior_rnn_layers=1, cond_conv="none", condconv_experts=4,
-                latent_levels=1, z_spatial_dim=4, motion=motion, motion_kernels=2)
+                latent_levels=1, z_spatial_dim=4, motion=motion, motion_kernels=2, bn_stats="step")
     assert set(arch) == set(ARCH_KEYS)
     checkpoints.save_checkpoint(str(d / "model.pth"), {"model": model.state_dict(), "arch": arch,
                                                  "args": {**arch, "n_past": 2, "n_future": 10}, "epoch": 0, "step": 0})

@@ -161,6 +161,7 @@ def test_resume_refuses_contradicting_architecture(run_dir, capsys):
     (["--model_dir", "/nonexistent"], "--model_dir /nonexistent"),
     (["--cond", "none", "--cond_conv", "film"], "--cond_conv film modulates the decoder by the condition, and --cond none"),
     (["--motion", "flow", "--motion_kernels", "0"], "--motion_kernels 0: must be a positive integer"),
+    (["--bn_stats", "clip", "--tfr_decay_step", "0.1"], "--bn_stats clip normalises over every frame of the clip"),
 ] + ([] if torch.cuda.is_available() else [(["--cuda"], "CUDA is not available"),
                                            (["--amp", "fp16"], "--amp fp16 needs CUDA")]))
 def test_bad_flags_are_named(sim_root, tmp_path, capsys, flags, message):
