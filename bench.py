@@ -3,7 +3,7 @@
     python bench.py                                  # full run (11-17 min on 2 CPU cores), writes bench.json
     python bench.py --quick                          # reduced sizes (~2 min): a smoke test, not the headline
     python bench.py --data_root data/processed_data  # use a real data set instead of a generated one
-    OMP_WAIT_POLICY=ACTIVE python bench.py           # spinning OpenMP threads (default: PASSIVE, as the scripts)
+    OMP_WAIT_POLICY=PASSIVE python bench.py          # sleeping OpenMP threads (default: as the scripts, runtime.py)
 
 Measured, each fast path next to its reference (median of repeats after warm-up, time.perf_counter):
  1. loader: decoded memory-mapped cache vs PNG decoding (`no_cache`), same split and items, tensors compared;
@@ -203,7 +203,7 @@ def machine_info(device):
         "cpu": model, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")},
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": str(device),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "openmp_wait": runtime.OPENMP_WAIT, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
 

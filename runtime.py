@@ -6,11 +6,45 @@ environment before torch loads its OpenMP runtime.
     python -c "import runtime; print(runtime.choose_device('auto'))"
 """
 import os
+import time
 
-# OpenMP threads that sleep instead of spinning while they wait: when anything else runs on the CPU,
-# spinning threads slowed a training step about 5x here; on an idle CPU it costs nothing. An explicit
-# OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def others_busy(interval=0.1):
+    """Cores' worth of CPU time that other processes used over `interval` seconds (this one sleeps meanwhile),
+    from /proc/stat; None where it cannot be read (not Linux)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(v), v[3] + v[4]
+    try:
+        total0, idle0 = snap()
+        time.sleep(interval)
+        total1, idle1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return 0.0 if total <= 0 else (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
+
+
+def openmp_wait_policy(environ, busy, max_busy=0.5):
+    """How OpenMP's threads wait between parallel regions, set in `environ` before torch loads its OpenMP
+    runtime; returns what was decided, for the logs. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    Otherwise they sleep (PASSIVE) where other processes used at least `max_busy` cores at start (busy) or
+    that is unknown (None): threads that spin while another job needs the cores slowed a training step up
+    to 5x. On a CPU idle at start they keep OpenMP's default, a short spin before sleeping: sleeping after
+    every parallel region cost the demo width's step 15% in fp32 and 25-70% in bf16 on an idle 2-core CPU
+    (docs/performance.md)."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return f"as set: OMP_WAIT_POLICY={environ.get('OMP_WAIT_POLICY', '')!r}, GOMP_SPINCOUNT={environ.get('GOMP_SPINCOUNT', '')!r}"
+    if busy is None or busy >= max_busy:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "sleep (PASSIVE): " + ("the CPU's load is unknown" if busy is None else
+                                      f"other processes used {busy:.1f} cores at start")
+    return f"spin, then sleep (OpenMP's default): the CPU was idle at start ({busy:.2f} cores used by others)"
+
+
+OPENMP_WAIT = openmp_wait_policy(os.environ, None if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+                                 else others_busy())
 
 import torch  # noqa: E402
 

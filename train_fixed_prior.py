@@ -456,7 +456,7 @@ def save_checkpoint(path, model, optimizer, scaler, args, run, world, collective
         "args": vars(args), "arch": {k: getattr(args, k) for k in ARCH_KEYS},
         "epoch": run.epoch, "epoch_it": run.epoch_it, "step": run.step, "tfr": run.tfr, "best_psnr": run.best_psnr,
         "epoch_sums": run.epoch_sums, "skipped_steps": run.skipped, "world_size": world, "rng": rngs,
-        "conv_layouts": getattr(run, "conv_layouts", []),
+        "conv_layouts": getattr(run, "conv_layouts", []), "openmp_wait": runtime.OPENMP_WAIT,
         "rank_param_checksums": checksums})
 
 
@@ -616,6 +616,8 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     run = restore(resume, model, optimizer, scaler, args, ema)
     layouts = {}  # per precision, where --amp auto measured them
+    if main_proc and device.type == "cpu":
+        print(f"[openmp] threads wait: {runtime.OPENMP_WAIT}")
     args.amp = choose_amp(model, args, device, main_proc, world, layouts=layouts)  # saved resolved: a resume keeps it
     run.conv_layouts = choose_conv_layouts(model, args, device, main_proc, world, resume, layouts.get(args.amp))
     if args.compile:

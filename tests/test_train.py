@@ -13,6 +13,7 @@ import test as test_script
 import train_fixed_prior as train
 import checkpoints
 import run_log
+import runtime
 from conftest import REPO, TINY
 from models import CVAE, fast
 
@@ -425,3 +426,18 @@ def test_amp_auto_is_saved_resolved_and_kept_on_resume(sim_root, tmp_path, monke
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})  # resumed on a host without: the run's choice stays
     train.main(["--model_dir", run, "--niter", "2"])
     assert checkpoints.load_checkpoint(os.path.join(run, "last.pth"))["args"]["amp"] == "bf16"
+
+
+def test_openmp_threads_sleep_only_where_others_use_the_cpu():
+    """runtime.openmp_wait_policy: OpenMP's default spin on a CPU idle at start, sleeping threads (PASSIVE)
+    where other processes used half a core or more, or the load is unknown; an explicit setting wins."""
+    env = {}
+    assert "idle" in runtime.openmp_wait_policy(env, 0.1) and env == {}
+    for busy in (0.5, 1.3, None):
+        env = {}
+        assert "PASSIVE" in runtime.openmp_wait_policy(env, busy) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}):
+        env = dict(given)
+        assert "as set" in runtime.openmp_wait_policy(env, 1.3) and env == given
+    busy = runtime.others_busy(0.05)
+    assert busy is None or 0 <= busy <= os.cpu_count()
