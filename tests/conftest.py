@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do: no spinning OpenMP threads
+# Sleeping OpenMP threads, as the scripts choose on a busy CPU: tests share the cores with their subprocesses.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # measured conv algorithms (evaluation.ALGORITHM_CACHE) of test runs and their subprocesses: not the user's cache
 os.environ["SVG_CVAE_CACHE"] = tempfile.mkdtemp(prefix="svg-cvae-tests-")
 
