@@ -240,10 +240,9 @@ def settle_algorithms(pending, batch_size):
     evaluated from now on, seconds the online timing cost: its calls' excess over the chosen algorithm's best).
     The decided shapes are kept for this process and stored in ALGORITHM_CACHE; a shape whose calls were too
     few to decide (a tiny evaluation) runs direct in the result and is measured again next time."""
-    decided = {k: v.result() for k, v in pending.items() if isinstance(v, fast.OnlineChoice)}
-    cost = sum(v.cost_s for v in pending.values() if isinstance(v, fast.OnlineChoice))
-    new = {k: v for k, v in decided.items() if v is not None}
-    chosen = {k: (v if not isinstance(v, fast.OnlineChoice) else v.result() or "direct") for k, v in pending.items()}
+    trials = {k: v for k, v in pending.items() if isinstance(v, fast.OnlineChoice)}
+    new = {k: v.result() for k, v in trials.items() if v.result() is not None}
+    chosen = {**pending, **{k: v.result() or "direct" for k, v in trials.items()}}
     _MEASURED.update(new)
     if new and ALGORITHM_CACHE:
         stored, host = _read_algorithm_cache(), _host_key(batch_size)
@@ -255,7 +254,7 @@ def settle_algorithms(pending, batch_size):
             os.replace(ALGORITHM_CACHE + ".tmp", ALGORITHM_CACHE)
         except OSError:
             pass  # a read-only home: the choice holds for this process
-    return chosen, cost
+    return chosen, sum(v.cost_s for v in trials.values())
 
 
 def _host_key(batch_size):

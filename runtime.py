@@ -26,25 +26,25 @@ def others_busy(interval=0.1):
     return 0.0 if total <= 0 else (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
 
 
-def openmp_wait_policy(environ, busy, max_busy=0.5):
+def openmp_wait_policy(environ, busy=others_busy, max_busy=0.5):
     """How OpenMP's threads wait between parallel regions, set in `environ` before torch loads its OpenMP
     runtime; returns what was decided, for the logs. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-    Otherwise they sleep (PASSIVE) where other processes used at least `max_busy` cores at start (busy) or
-    that is unknown (None): threads that spin while another job needs the cores slowed a training step up
-    to 5x. On a CPU idle at start they keep OpenMP's default, a short spin before sleeping: sleeping after
-    every parallel region cost the demo width's step 15% in fp32 and 25-70% in bf16 on an idle 2-core CPU
-    (docs/performance.md)."""
+    Otherwise busy() (cores used by other processes, or None where unknown) is looked at once: threads sleep
+    (PASSIVE) from `max_busy` cores on or where it is unknown, since threads that spin while another job
+    needs the cores slowed a training step up to 5x. On a CPU idle at start they keep OpenMP's default, a
+    short spin before sleeping: sleeping after every parallel region made the demo width's step 1.3x slower
+    in fp32 and 1.5x in bf16 on an idle 2-core CPU (docs/performance.md)."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return f"as set: OMP_WAIT_POLICY={environ.get('OMP_WAIT_POLICY', '')!r}, GOMP_SPINCOUNT={environ.get('GOMP_SPINCOUNT', '')!r}"
-    if busy is None or busy >= max_busy:
+    load = busy()
+    if load is None or load >= max_busy:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return "sleep (PASSIVE): " + ("the CPU's load is unknown" if busy is None else
-                                      f"other processes used {busy:.1f} cores at start")
-    return f"spin, then sleep (OpenMP's default): the CPU was idle at start ({busy:.2f} cores used by others)"
+        return "sleep (PASSIVE): " + ("the CPU's load is unknown" if load is None else
+                                      f"other processes used {load:.1f} cores at start")
+    return f"spin, then sleep (OpenMP's default): the CPU was idle at start ({load:.2f} cores used by others)"
 
 
-OPENMP_WAIT = openmp_wait_policy(os.environ, None if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
-                                 else others_busy())
+OPENMP_WAIT = openmp_wait_policy(os.environ)
 
 import torch  # noqa: E402
 

@@ -432,12 +432,13 @@ def test_openmp_threads_sleep_only_where_others_use_the_cpu():
     """runtime.openmp_wait_policy: OpenMP's default spin on a CPU idle at start, sleeping threads (PASSIVE)
     where other processes used half a core or more, or the load is unknown; an explicit setting wins."""
     env = {}
-    assert "idle" in runtime.openmp_wait_policy(env, 0.1) and env == {}
+    assert "idle" in runtime.openmp_wait_policy(env, lambda: 0.1) and env == {}
     for busy in (0.5, 1.3, None):
         env = {}
-        assert "PASSIVE" in runtime.openmp_wait_policy(env, busy) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+        assert "PASSIVE" in runtime.openmp_wait_policy(env, lambda: busy) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}):
-        env = dict(given)
-        assert "as set" in runtime.openmp_wait_policy(env, 1.3) and env == given
+        env, looked = dict(given), []
+        assert "as set" in runtime.openmp_wait_policy(env, lambda: looked.append(1) or 1.3) and env == given
+        assert looked == []  # an explicit setting: the load is not even looked at
     busy = runtime.others_busy(0.05)
     assert busy is None or 0 <= busy <= os.cpu_count()
