@@ -230,6 +230,7 @@ def choose_algorithms(model, dataset, n_past, batch_size, device, amp="off", how
     with torch.random.fork_rng(devices=[]):
         new, _ = fast.choose_inference_algorithms(model, frames, conds, n_past, known=known, online=True)
     _MEASURED.update(known)
+    _store({k: v for k, v in new.items() if isinstance(v, str)}, B)  # decided by the screen alone
     pending = {**_MEASURED, **new}
     fast.set_inference_algorithms(pending)
     return pending
@@ -243,10 +244,16 @@ def settle_algorithms(pending, batch_size):
     trials = {k: v for k, v in pending.items() if isinstance(v, fast.OnlineChoice)}
     new = {k: v.result() for k, v in trials.items() if v.result() is not None}
     chosen = {**pending, **{k: v.result() or "direct" for k, v in trials.items()}}
-    _MEASURED.update(new)
-    if new and ALGORITHM_CACHE:
+    _store(new, batch_size)
+    return chosen, sum(v.cost_s for v in trials.values())
+
+
+def _store(decided, batch_size):
+    """Keep decided layer shapes ({algorithm_key: algorithm}) for this process and in ALGORITHM_CACHE."""
+    _MEASURED.update(decided)
+    if decided and ALGORITHM_CACHE:
         stored, host = _read_algorithm_cache(), _host_key(batch_size)
-        stored[host] = {**stored.get(host, {}), **new}
+        stored[host] = {**stored.get(host, {}), **decided}
         try:
             os.makedirs(os.path.dirname(ALGORITHM_CACHE), exist_ok=True)
             with open(ALGORITHM_CACHE + ".tmp", "w") as f:
@@ -254,7 +261,6 @@ def settle_algorithms(pending, batch_size):
             os.replace(ALGORITHM_CACHE + ".tmp", ALGORITHM_CACHE)
         except OSError:
             pass  # a read-only home: the choice holds for this process
-    return chosen, sum(v.cost_s for v in trials.values())
 
 
 def _host_key(batch_size):

@@ -142,3 +142,24 @@ def test_measured_conv_algorithms_score_as_the_direct_ones(sim_root, tmp_path, m
     later = evaluation.evaluate(model, ds, 2, 10, cpu, batch_size=3)
     assert later["inference_algorithms"] == auto["inference_algorithms"] and later["psnr"] == pytest.approx(again["psnr"], abs=1e-6)
     assert timed == [] and len(trials) == n_trials
+
+
+def test_algorithms_decided_by_the_screen_alone_are_kept(sim_root, tmp_path, monkeypatch):
+    """A layer shape whose screen leaves only the direct algorithm (no timing on the evaluation's calls) is
+    kept like a timed one: in the process and in the cache file, so that the next evaluation screens nothing."""
+    monkeypatch.setattr(evaluation, "_MEASURED", {})
+    monkeypatch.setattr(evaluation, "ALGORITHM_CACHE", str(tmp_path / "conv_algorithms.json"))
+    monkeypatch.setattr(fast, "ALGORITHMS", None)
+    args = argparse.Namespace(data_root=sim_root, n_past=2, n_future=10, n_eval=4, cache_dir=str(tmp_path), quiet=True)
+    ds = bair_robot_pushing_dataset(args, "test")
+    model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=8, cond_embed_dim=4).eval()
+    choose = fast.choose_inference_algorithms
+    monkeypatch.setattr(fast, "choose_inference_algorithms", lambda *a, **k: choose(*a, **{**k, "screen_loss": 0.0}))
+    first = evaluation.evaluate(model, ds, 2, 10, torch.device("cpu"), batch_size=2)
+    assert first["inference_algorithms"] and set(first["inference_algorithms"].values()) == {"direct"}
+    assert evaluation._MEASURED == first["inference_algorithms"]
+    monkeypatch.setattr(evaluation, "_MEASURED", {})  # a new process: only the cache file
+    timed = []
+    monkeypatch.setattr(fast, "best_time", lambda *a, **k: timed.append(1) or 1.0)
+    later = evaluation.evaluate(model, ds, 2, 10, torch.device("cpu"), batch_size=2)
+    assert later["inference_algorithms"] == first["inference_algorithms"] and timed == []
