@@ -155,6 +155,7 @@ def test_algorithms_decided_by_the_screen_alone_are_kept(sim_root, tmp_path, mon
     model = CVAE(g_dim=8, z_dim=4, rnn_size=16, base_channels=8, cond_embed_dim=4).eval()
     choose = fast.choose_inference_algorithms
     monkeypatch.setattr(fast, "choose_inference_algorithms", lambda *a, **k: choose(*a, **{**k, "screen_loss": 0.0}))
+    monkeypatch.setattr(fast, "_nnpack_available", lambda: False)  # NNPACK is never screened out
     first = evaluation.evaluate(model, ds, 2, 10, torch.device("cpu"), batch_size=2)
     assert first["inference_algorithms"] and set(first["inference_algorithms"].values()) == {"direct"}
     assert evaluation._MEASURED == first["inference_algorithms"]

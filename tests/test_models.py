@@ -187,6 +187,17 @@ def test_online_inference_algorithms_match_direct():
         fast.set_inference_algorithms(None)
 
 
+@pytest.mark.skipif(not fast._nnpack_available(), reason="this PyTorch build has no NNPACK")
+def test_the_screen_drops_only_our_winograd():
+    """The few-row screen may drop F(4x4) but never NNPACK, whose time on a few rows is mostly its per-call
+    cost: with the strictest screen every shape is left to the evaluation's calls with direct and NNPACK."""
+    model = CVAE(g_dim=16, z_dim=4, rnn_size=16, base_channels=8).eval()
+    frames, conds = torch.rand(2, 2, 3, 64, 64), torch.randn(2, 3, 7)
+    with torch.no_grad():
+        choice, _ = fast.choose_inference_algorithms(model, frames, conds, 2, screen_rows=1, screen_loss=0.0, online=True)
+    assert choice and all(isinstance(v, fast.OnlineChoice) and v.candidates == ("direct", "nnpack") for v in choice.values())
+
+
 def test_condconv_with_one_expert_is_a_convolution():
     """CondConv with K=1 and routing weight 1 is the plain convolution with that kernel; with K experts each
     example gets its own mix, as separate convolutions would compute it; its BatchNorm folds into the experts."""
