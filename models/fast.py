@@ -632,9 +632,10 @@ def choose_inference_algorithms(model, frames, conds, n_past, n_future=1, repeat
     transform precomputed as a frozen layer keeps it. The timing is in two rounds so that it costs a few
     seconds, not tens: a screen on `screen_rows` rows drops our F(4x4) where it is more than `screen_loss`
     times slower than the fastest there (on large maps it is memory-bound and can lose 5x; NNPACK is not
-    screened, since a few rows misjudge it), then the rest run on the full batch, interleaved so that a burst of load on the machine hits them
-    all alike, best of `repeats` after a warm-up. A Winograd algorithm is chosen only where it beats the
-    direct one by min_gain, so that timing noise does not trade exact-as-possible rounding for nothing.
+    screened, since a few rows misjudge it), then the rest run on the full batch, interleaved so that a
+    burst of load on the machine hits them all alike, best of `repeats` after a warm-up. A Winograd algorithm
+    is chosen only where it beats the direct one by min_gain, so that timing noise does not trade
+    exact-as-possible rounding for nothing.
     `model` is not changed; apply the result with set_inference_algorithms. Layer shapes in `known` are not
     timed again. Returns ({algorithm_key: algorithm}, {algorithm_key: {algorithm: seconds}}) for the shapes
     timed (a screened-out algorithm's entry is its screen time scaled to the batch).
