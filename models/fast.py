@@ -10,8 +10,8 @@ What each trick replaces, and what it bought (docs/performance.md has the measur
                      fed-back predictions one at a time, with the decoder tricks below.
   run_per_step       BatchNorm in those batched calls with statistics per time step, as the per-step
                      calls compute them (folding T steps into one batch would be another model).
-  choose_conv_layouts  each convolution of those calls in NCHW or channels-last, whichever a short
-                     measurement on this host found faster (small-channel 64x64 layers gain most).
+  choose_conv_layouts  each convolution and max pooling of those calls in NCHW or channels-last, whichever
+                     a short measurement on this host found faster (small-channel 64x64 layers gain most).
   skip_terms         the skips' half of each decoder block's first convolution, computed once per
                      distinct skip frame instead of once per step (~1/6 of a step's FLOPs).
   upsampled_conv     nearest 2x upsampling + 3x3 convolution as one stride-2 transposed convolution with
@@ -225,10 +225,11 @@ def encode(encoder, frames, per_step=True):
     S = T if per_step else 1  # the steps batch_norm_per_step normalises apart
     x = frames.reshape(B * T, *frames.shape[2:])  # batch-major rows: b * T + t
     h1 = run_per_step(encoder.c1, x, S)
-    h2 = run_per_step(encoder.c2, max_pool2x2(h1), S)
-    h3 = run_per_step(encoder.c3, max_pool2x2(h2), S)
-    h4 = run_per_step(encoder.c4, max_pool2x2(h3), S)
-    h5 = run_per_step(encoder.c5, max_pool2x2(h4), S)  # (B*T, g, 1, 1)
+    pool = lambda block, x: in_layout(block, "pool", max_pool2x2, x)  # the pooling before block, in its layout
+    h2 = run_per_step(encoder.c2, pool(encoder.c2, h1), S)
+    h3 = run_per_step(encoder.c3, pool(encoder.c3, h2), S)
+    h4 = run_per_step(encoder.c4, pool(encoder.c4, h3), S)
+    h5 = run_per_step(encoder.c5, pool(encoder.c5, h4), S)  # (B*T, g, 1, 1)
     return h5.reshape(B, T, -1), [s.reshape(B, T, *s.shape[1:]) for s in (h1, h2, h3, h4)]
 
 
@@ -331,33 +332,68 @@ def run_per_step(module, x, steps):
 _RECORD = None  # while choose_conv_layouts records: {(module, role): (fn, input shape, dtype)}
 
 
+_ROLES = ("conv", "up", "pool")  # a convolution, a decoder block's upsampled half, the max pooling before a block
+
+
+class _ToChannelsLast(torch.autograd.Function):
+    """x.contiguous(memory_format=channels_last), whose backward hands the gradient back in NCHW.
+
+    Autograd's own backward of the conversion would pass the channels-last kernel's input gradient on as it
+    is, and the BatchNorm and LeakyReLU backward kernels before it would then read it against their NCHW
+    saved tensors with mismatched strides, several times slower than either layout alone at 8 channels."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _FromChannelsLast(torch.autograd.Function):
+    """y.contiguous() (NCHW), whose backward hands the gradient to the channels-last kernel in its layout."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
 def in_layout(module, role, fn, x):
-    """fn(x), a convolution of `module` (role "conv", or "up" for a decoder block's upsampled half), in the
-    memory format chosen for it on this host (choose_conv_layouts): channels-last when marked, with x
-    converted before and the result converted back to NCHW, so that BatchNorm per step and everything after
-    see what they always see. In training only (the choice was measured forward + backward); the same
-    function, rounded as the channels-last kernels round (tested)."""
+    """fn(x), a convolution of `module` (role "conv", "up" for a decoder block's upsampled half, or "pool" for
+    the max pooling before an encoder block), in the memory format chosen for it on this host
+    (choose_conv_layouts): channels-last when marked, with x converted before and the result converted back to
+    NCHW, so that BatchNorm per step and everything after see what they always see, forward and backward. In
+    training only (the choice was measured forward + backward); the same function, rounded as the
+    channels-last kernels round (tested)."""
     if _RECORD is not None:
         _RECORD.setdefault((module, role), (fn, tuple(x.shape), x.dtype))
     if torch.is_grad_enabled() and module.__dict__.get("_channels_last_" + role):
-        return fn(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return _FromChannelsLast.apply(fn(_ToChannelsLast.apply(x)))
     return fn(x)
 
 
 def set_conv_layouts(model, names):
-    """Mark the convolutions named "<module name>:<role>" (as choose_conv_layouts returns them) channels-last,
-    and every other one NCHW."""
+    """Mark the convolutions and poolings named "<module name>:<role>" (as choose_conv_layouts returns them)
+    channels-last, and every other one NCHW."""
     names = set(names)
     for name, m in model.named_modules():
-        if type(m) in (nn.Conv2d, nn.ConvTranspose2d):
-            for role in ("conv", "up"):
-                m.__dict__["_channels_last_" + role] = f"{name}:{role}" in names
+        for role in _ROLES:
+            if f"{name}:{role}" in names:
+                m.__dict__["_channels_last_" + role] = True
+            else:
+                m.__dict__.pop("_channels_last_" + role, None)
 
 
 def choose_conv_layouts(model, frames, conds, n_past, amp_context=contextlib.nullcontext, repeats=3, min_gain=0.1):
-    """Which convolutions of the batched training rollout run faster in channels-last on this host.
+    """Which convolutions and max poolings of the batched training rollout run faster in channels-last here.
 
-    One forward_batched of a copy of `model` on (frames, conds) records every convolution's input shape; each
+    One forward_batched of a copy of `model` on (frames, conds) records every convolution's and pooling's input
+    shape; each
     is then timed alone, forward + backward (under amp_context, e.g. the run's autocast), in NCHW and in
     channels-last with the two conversions counted, best of `repeats` after a warm-up (one timed call for a
     layer whose warm-up took over 50 ms: the full width's 64x64 layers on a CPU). A convolution is
@@ -384,7 +420,7 @@ def choose_conv_layouts(model, frames, conds, n_past, amp_context=contextlib.nul
 
             def step():
                 with amp_context():
-                    y = fn(xin.contiguous(memory_format=torch.channels_last)).contiguous() if cl else fn(xin)
+                    y = _FromChannelsLast.apply(fn(_ToChannelsLast.apply(xin))) if cl else fn(xin)  # as in_layout
                 y.backward(torch.ones_like(y))
             runs.append(best_time(step, frames.device, repeats))
         name = f"{names[module]}:{role}"
@@ -430,7 +466,7 @@ def batch_norm_per_step(bn, x, steps):
     # With momentum 1 the "running" buffers receive exactly the steps' batch mean and unbiased variance.
     mean = torch.zeros(steps * C, device=x.device, dtype=bn.running_mean.dtype)
     var = torch.ones_like(mean)
-    y = F.batch_norm(folded, mean, var, w, b, True, 1.0, bn.eps).reshape(x.shape)
+    y = F.batch_norm(folded, mean, var, w, b, True, 1.0, bn.eps)
     with torch.no_grad():
         mean, var = mean.view(steps, C), var.view(steps, C)  # (steps, C) each
         m = bn.momentum
@@ -438,7 +474,9 @@ def batch_norm_per_step(bn, x, steps):
         bn.running_mean.mul_((1 - m) ** steps).add_(decay @ mean)
         bn.running_var.mul_((1 - m) ** steps).add_(decay @ var)
         bn.num_batches_tracked.add_(steps)
-    return y
+    # Back to x's shape, but not as an autograd view of y: the in-place LeakyReLU that follows would make a
+    # view's backward a CopySlices, which clones the whole gradient and copies it back. Nothing else holds y.
+    return torch.ops.aten._unsafe_view(y, x.shape)
 
 
 def inference_copy(model):

@@ -596,8 +596,35 @@ def test_lstm_over_a_sequence_is_the_cell_loop(layers):
         assert fast._cells(net.float(), x.float(), None).shape == (3, 5, 10)
 
 
+def test_layout_changes_hand_gradients_back_in_nchw():
+    """What keeps the 8-channel 64x64 layers' backward fast: a channels-last convolution or pooling hands its
+    input gradient back in NCHW, as the BatchNorm and LeakyReLU before it ran, and BatchNorm per step returns
+    no autograd view, so the in-place LeakyReLU after it is no CopySlices (a clone of the whole gradient). The
+    channels-last pooling also takes the same maximum as NCHW's where values tie (bf16 ties often)."""
+    conv = torch.nn.Conv2d(8, 8, 3, 1, 1)
+    fast.set_conv_layouts(conv, [":conv"])
+    x = torch.randn(6, 8, 16, 16, requires_grad=True)
+    seen = []
+    h = x * 1  # not a leaf: AccumulateGrad would reorder a leaf's gradient to its layout anyway
+    h.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+    fast.in_layout(conv, "conv", conv, h).sum().backward()
+    assert seen == [True]
+    bn = torch.nn.BatchNorm2d(8).train()
+    y = torch.nn.functional.leaky_relu_(fast.batch_norm_per_step(bn, x, 3), 0.2)
+    assert y._base is None and type(y.grad_fn).__name__ == "LeakyReluBackward1"
+    ties = torch.randint(0, 3, (4, 8, 16, 16)).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(4, 8, 8, 8, dtype=torch.bfloat16)
+    grads = []
+    for mark in ([], [":pool"]):
+        fast.set_conv_layouts(conv, mark)
+        out = fast.in_layout(conv, "pool", fast.max_pool2x2, ties)
+        grads.append((out, torch.autograd.grad(out, ties, g)[0]))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[1][1].is_contiguous() and conv.__dict__.get("_channels_last_pool")
+
+
 def test_channels_last_convolutions_train_as_nchw():
-    """Every convolution of the batched rollout marked channels-last (as choose_conv_layouts may mark them):
+    """Every convolution and pooling of the batched rollout marked channels-last (as choose_conv_layouts may mark them):
     the same losses, gradients and running statistics as NCHW (in float64, as the test above explains); and
     the choice leaves the model as it was."""
     results = []
@@ -605,7 +632,7 @@ def test_channels_last_convolutions_train_as_nchw():
         m, x, c, noise = _model(cond_conv="film")
         m, x, c, noise = m.double(), x.double(), c.double(), noise.double()
         names = [f"{n}:{r}" for n, mod in m.named_modules() if type(mod) in (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
-                 for r in ("conv", "up")]
+                 for r in ("conv", "up")] + [f"encoder.c{i}:pool" for i in range(2, 6)]
         fast.set_conv_layouts(m, names if mark else [])
         m.train()
         out = m(x, c, 2, teacher_forcing=True, noise=noise, batched=True)
@@ -621,5 +648,5 @@ def test_channels_last_convolutions_train_as_nchw():
     m, x, c = m.float(), x.float(), c.float()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     chosen, times = fast.choose_conv_layouts(m, x, c, 2, repeats=1)
-    assert set(chosen) <= set(times) and "encoder.c1.0.0:conv" in times and "decoder.upc5.0.0:up" in times
+    assert set(chosen) <= set(times) and {"encoder.c1.0.0:conv", "decoder.upc5.0.0:up", "encoder.c2:pool"} <= set(times)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
