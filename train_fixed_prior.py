@@ -133,7 +133,7 @@ def get_args_parser():
       help="under teacher forcing, models.fast.forward_batched (batched) or the plain CVAE.forward (per_step)")
     g("--compile", action="store_true", help="torch.compile the clip encoder and decoder for training, and the validation metrics")
     g("--conv_layouts", default="auto", choices=["auto", "off"],
-      help="auto: each convolution of the batched training rollout in NCHW or channels-last, whichever a short "
+      help="auto: each convolution and max pooling of the batched training rollout in NCHW or channels-last, whichever a short "
            "measurement at the start (a few seconds) finds faster on this machine; printed, saved in every checkpoint "
            "(conv_layouts) and reused on resume. The same function, rounded per kernel: for two runs that must "
            "agree bit for bit use off (every convolution NCHW, or all channels-last with --channels_last)")
@@ -334,7 +334,7 @@ def layouts_apply(args):
 
 
 def choose_conv_layouts(model, args, device, main_proc, world=1, resume=None, measured=None):
-    """--conv_layouts auto: mark the convolutions that run faster in channels-last on this machine
+    """--conv_layouts auto: mark the convolutions and max poolings that run faster in channels-last on this machine
     (models.fast.choose_conv_layouts, measured on the run's batch shape and precision, or `measured` there,
     as choose_amp measured it), or reuse the choice a resumed run saved, so that a resume computes what the
     interrupted run did. Returns the choice, which every checkpoint saves beside the run's args
