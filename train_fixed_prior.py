@@ -365,7 +365,7 @@ def choose_conv_layouts(model, args, device, main_proc, world=1, resume=None, me
             chosen = box[0]
     fast.set_conv_layouts(model, chosen)
     if main_proc:
-        print(f"[conv layouts] channels-last for {len(chosen)} convolution(s) on this {device.type} ({how}): "
+        print(f"[conv layouts] channels-last for {len(chosen)} convolution(s) and pooling(s) on this {device.type} ({how}): "
               f"{', '.join(chosen) or 'none'}")
     return list(chosen)
 
