@@ -173,10 +173,14 @@ def build_cache(seqs, cache_path, workers=0, skip_bad=False, progress=True, cond
         np.save(os.path.join(tmp, "conds.npy"), conds)
         with open(os.path.join(tmp, "index.json"), "w") as f:
             json.dump({"version": CACHE_VERSION, "keep": keep.tolist(), "bad": bad}, f)
-        if os.path.isdir(cache_path):  # built concurrently by another process: keep theirs
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.rename(tmp, cache_path)
+        except OSError:
+            # Built concurrently by another process (the rename fails on a non-empty target, also when it
+            # appeared after any check made here): keep theirs, which is complete, since it was renamed.
+            if not os.path.isfile(os.path.join(cache_path, "index.json")):
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

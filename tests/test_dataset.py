@@ -49,6 +49,24 @@ def test_cache_is_rebuilt_when_a_file_changes(sim_copy, tmp_path):
     assert ds2[0][0][5].max() == 0 and ds[0][0][5].max() > 0
 
 
+def test_cache_built_concurrently_keeps_the_first(sim_root, tmp_path, monkeypatch):
+    # Two runs started at once (experiments.py --jobs 2) build the same cache: the one that finishes second
+    # finds the target already renamed into place and must read that one, not fail or leave its build behind.
+    import dataset
+    rename = os.rename
+
+    def rename_after_another_build(src, dst):
+        if os.path.basename(src).startswith(".building-") and not os.path.exists(dst):
+            monkeypatch.setattr(dataset.os, "rename", rename)  # the other process's own build renames normally
+            bair_robot_pushing_dataset(_args(sim_root, tmp_path), "test")
+        rename(src, dst)
+
+    monkeypatch.setattr(dataset.os, "rename", rename_after_another_build)
+    ds = bair_robot_pushing_dataset(_args(sim_root, tmp_path), "test")
+    assert len(ds) == 5 and ds[0][0].shape == (30, 3, 64, 64)
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(ds.cache_path)]
+
+
 def _listing(root):
     return sorted((d, tuple(sorted(f))) for d, _, f in os.walk(root))
 
