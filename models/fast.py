@@ -393,12 +393,11 @@ def choose_conv_layouts(model, frames, conds, n_past, amp_context=contextlib.nul
     """Which convolutions and max poolings of the batched training rollout run faster in channels-last here.
 
     One forward_batched of a copy of `model` on (frames, conds) records every convolution's and pooling's input
-    shape; each
-    is then timed alone, forward + backward (under amp_context, e.g. the run's autocast), in NCHW and in
-    channels-last with the two conversions counted, best of `repeats` after a warm-up (one timed call for a
-    layer whose warm-up took over 50 ms: the full width's 64x64 layers on a CPU). A convolution is
-    marked channels-last where that is faster by min_gain (a margin, so that timing noise does not flip a
-    tie). `model` is not changed (the caller applies the choice with set_conv_layouts). Returns
+    shape; each is then timed alone, forward + backward (under amp_context, e.g. the run's autocast), in NCHW
+    and in channels-last with the two conversions counted, best of `repeats` after a warm-up (one timed call for
+    a layer whose warm-up took over 50 ms: the full width's 64x64 layers on a CPU). A layer is marked
+    channels-last where that is faster by min_gain (a margin, so that timing noise does not flip a tie). `model`
+    is not changed (the caller applies the choice with set_conv_layouts). Returns
     (names marked channels-last, {name: (NCHW seconds, channels-last seconds)})."""
     global _RECORD
     probe = copy.deepcopy(model).train()
