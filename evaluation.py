@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+import checkpoints
 from metrics import batch_metrics, batch_psnr
 from models import fast
 from runtime import autocast, cpu_info
@@ -256,9 +257,9 @@ def _store(decided, batch_size):
         stored[host] = {**stored.get(host, {}), **decided}
         try:
             os.makedirs(os.path.dirname(ALGORITHM_CACHE), exist_ok=True)
-            with open(ALGORITHM_CACHE + ".tmp", "w") as f:
-                json.dump(stored, f, indent=1)
-            os.replace(ALGORITHM_CACHE + ".tmp", ALGORITHM_CACHE)
+            # A temporary file of its own: two evaluations at once (experiments.py --jobs 2) must not write
+            # into one shared temporary file.
+            checkpoints.atomic_write(ALGORITHM_CACHE, lambda f: f.write(json.dumps(stored, indent=1).encode()))
         except OSError:
             pass  # a read-only home: the choice holds for this process
 
