@@ -72,7 +72,8 @@ def get_args_parser():
     g = p.add_argument_group("model (saved in the checkpoint; test.py rebuilds it)").add_argument
     g("--n_past", type=int, default=2, help="frames given to the model")
     g("--n_future", type=int, default=10, help="frames predicted")
-    g("--n_eval", type=int, default=30, help="frames loaded per sequence (at least n_past + n_future)")
+    g("--n_eval", type=int, default=30, help="frames loaded per validation sequence (at least n_past + n_future; "
+                                             "training loads n_past + n_future)")
     g("--rnn_size", type=int, default=256, help="LSTM hidden units")
     g("--posterior_rnn_layers", type=int, default=1, help="posterior LSTM layers")
     g("--predictor_rnn_layers", type=int, default=2, help="frame-predictor LSTM layers")
@@ -293,8 +294,8 @@ def kl_loss(out, free_bits):
 
 def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1, layouts=None):
     """--amp auto: the precision of this run, decided on this machine. A CPU with bf16 units (AVX-512-BF16,
-    AMX) times one training rollout of the run's shapes in fp32 and under bf16 autocast
-    (models.fast.time_training_rollout), each with the convolution layouts --conv_layouts auto picks for that
+    AMX) times a training rollout of the run's shapes in fp32 and under bf16 autocast, interleaved, best of 5
+    (models.fast.time_training_rollouts), each with the convolution layouts --conv_layouts auto picks for that
     precision (they differ: bf16's small transposed convolutions gain most from channels-last), and takes
     bf16 where it is faster by min_gain: at small widths, or on a CPU busy with other work, bf16's casts can
     cost more than its kernels save. The layouts measured go into `layouts` ({precision: choice}) for
@@ -308,7 +309,7 @@ def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1, layouts=No
         T = args.n_past + args.n_future
         frames = torch.rand(args.batch_size, T, 3, 64, 64, device=device)
         conds = torch.randn(args.batch_size, T, model.cond_dim, device=device)
-        sec, layouts = {}, {} if layouts is None else layouts
+        runs, layouts = {}, {} if layouts is None else layouts
         with torch.random.fork_rng(devices=[]):  # the run's RNG untouched
             for a in ("off", "bf16"):
                 context, probe = (lambda a=a: runtime.autocast(device, a)), model
@@ -316,9 +317,10 @@ def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1, layouts=No
                     layouts[a], _ = fast.choose_conv_layouts(model, frames, conds, args.n_past, context)
                     probe = copy.deepcopy(model)
                     fast.set_conv_layouts(probe, layouts[a])
-                sec[a] = fast.time_training_rollout(probe, frames, conds, args.n_past, context)
+                runs[a] = probe, context
+            sec = fast.time_training_rollouts(runs, frames, conds, args.n_past)
         amp = "bf16" if sec["bf16"] < (1 - min_gain) * sec["off"] else "off"
-        how = f"measured: one training rollout {sec['off']:.3f} s in fp32, {sec['bf16']:.3f} s in bf16"
+        how = f"measured: a training rollout {sec['off']:.3f} s in fp32, {sec['bf16']:.3f} s in bf16"
         if world > 1:  # every rank takes rank 0's choice
             box = [amp]
             dist.broadcast_object_list(box, src=0)
@@ -376,7 +378,9 @@ def load_data(args, world, main_proc):
     try:
         if world > 1 and not main_proc:
             dist.barrier()
-        train_ds, val_ds = (bair_robot_pushing_dataset(data_args, split) for split in ("train", "validate"))
+        # Training reads the rollout's n_past + n_future frames only (n_eval = 0); validation its n_eval.
+        train_ds = bair_robot_pushing_dataset(argparse.Namespace(**{**vars(data_args), "n_eval": 0}), "train")
+        val_ds = bair_robot_pushing_dataset(data_args, "validate")
         if world > 1 and main_proc:
             dist.barrier()
     except DataError as e:

@@ -1,10 +1,12 @@
 """End to end: training writes every artefact, test.py scores it, resume is exact, faults are handled."""
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -368,6 +370,15 @@ def test_amp_auto_resolution(monkeypatch):
     assert runtime.resolve_amp("off", cpu) == "off" and runtime.resolve_amp("bf16", cpu) == "bf16"
 
 
+def test_training_loads_only_the_rollouts_frames(sim_root):
+    """The training split decodes the n_past + n_future frames a rollout uses (not --n_eval's 30); the
+    validation split keeps --n_eval."""
+    args = train.get_args_parser().parse_args(TINY + ["--data_root", sim_root])
+    train_ds, val_ds = train.load_data(args, 1, True)
+    assert train_ds[0][0].shape == (args.n_past + args.n_future, 3, 64, 64) and train_ds[0][1].shape[0] == 12
+    assert val_ds[0][0].shape[0] == args.n_eval == 30
+
+
 def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     """On a CPU with bf16 units --amp auto times a training rollout in both precisions and keeps bf16 only
     where it is faster by 10%; on a CPU without them it measures nothing (emulated bf16 is 7-19x slower)."""
@@ -377,12 +388,15 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     model = CVAE.from_config(args)
     timed = []
 
-    def fake(model, frames, conds, n_past, amp_context, repeats=2):
-        with amp_context():  # the precision under test, as autocast reports it
-            bf16 = torch.is_autocast_enabled("cpu")
-        timed.append((frames.shape, bf16))
-        return seconds[bf16]
-    monkeypatch.setattr(fast, "time_training_rollout", fake)
+    def fake(runs, frames, conds, n_past, rounds=5):
+        out = {}
+        for name, (model, amp_context) in runs.items():
+            with amp_context():  # the precision under test, as autocast reports it
+                bf16 = torch.is_autocast_enabled("cpu")
+            timed.append((frames.shape, bf16))
+            out[name] = seconds[bf16]
+        return out
+    monkeypatch.setattr(fast, "time_training_rollouts", fake)
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     for seconds, expected in (({False: 1.0, True: 0.5}, "bf16"), ({False: 1.0, True: 0.95}, "off"),
                               ({False: 1.0, True: 3.0}, "off")):
@@ -407,7 +421,19 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     monkeypatch.undo()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     T = args.n_past + args.n_future
-    assert fast.time_training_rollout(model, torch.rand(2, T, 3, 64, 64), torch.randn(2, T, 7), args.n_past, repeats=1) > 0
+    calls = []
+
+    @contextlib.contextmanager
+    def context(name, pause=0.0):  # entered once per timed rollout
+        calls.append(name)
+        time.sleep(pause)
+        yield
+    sec = fast.time_training_rollouts({"fast": (model, lambda: context("fast")),
+                                       "slow": (model, lambda: context("slow", 0.02))},
+                                      torch.rand(2, T, 3, 64, 64), torch.randn(2, T, 7), args.n_past, rounds=3)
+    assert 0 < sec["fast"] < sec["slow"] and sec["slow"] >= 0.02
+    # one warm-up each, then the candidates alternate call by call
+    assert calls == ["fast", "slow"] + ["fast", "slow"] * 3
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())
 
@@ -417,10 +443,13 @@ def test_amp_auto_is_saved_resolved_and_kept_on_resume(sim_root, tmp_path, monke
     import runtime
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # a host with native bf16
 
-    def bf16_faster(model, frames, conds, n_past, amp_context, repeats=2):
-        with amp_context():
-            return 1.0 if torch.is_autocast_enabled("cpu") else 2.0
-    monkeypatch.setattr(fast, "time_training_rollout", bf16_faster)
+    def bf16_faster(runs, frames, conds, n_past, rounds=5):
+        out = {}
+        for name, (model, amp_context) in runs.items():
+            with amp_context():
+                out[name] = 1.0 if torch.is_autocast_enabled("cpu") else 2.0
+        return out
+    monkeypatch.setattr(fast, "time_training_rollouts", bf16_faster)
     run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "1", "--plot_every", "9", "--amp", "auto")
     assert checkpoints.load_checkpoint(os.path.join(run, "last.pth"))["args"]["amp"] == "bf16"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})  # resumed on a host without: the run's choice stays
