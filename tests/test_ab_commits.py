@@ -17,9 +17,20 @@ def test_runs_alternate_base_head_head_base():
     assert ab_commits.order(3) == ["base", "head", "head", "base", "base", "head"]
 
 
+def test_a_revision_that_names_no_commit_is_refused(capsys):
+    if ab_commits.resolve("HEAD") is None:
+        pytest.skip("not a git checkout")
+    with pytest.raises(SystemExit):
+        ab_commits.main(["--base", "no-such-revision-x", "--no_peak"])
+    assert "--base no-such-revision-x: not a commit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ab_commits.main(["--base", "HEAD", "--rounds", "0"])
+    assert "--rounds 0: must be >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_commits_side_by_side(sim_root, tmp_path):
-    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+    if ab_commits.resolve("HEAD") is None:
         pytest.skip("not a git checkout")
     out = tmp_path / "ab.json"
     flags = TINY + ["--amp", "off", "--niter", "2", "--epoch_size", "2", "--warmup", "1", "--eval_every", "2", "--plot_every", "2"]

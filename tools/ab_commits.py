@@ -47,13 +47,20 @@ def order(rounds):
     return [label for pair in pairs for label in pair]
 
 
-def checkout(rev, path):
-    """A detached worktree of `rev` at `path`; returns the commit's hash."""
-    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout.strip()
-    if not os.path.isdir(path):
-        subprocess.run(["git", "worktree", "add", "--detach", path, sha], cwd=REPO, check=True, capture_output=True)
-    return sha
+def resolve(rev):
+    """The commit hash of a git revision of this repository, or None where it names none."""
+    res = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=REPO,
+                         capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def checkout(sha, path):
+    """A detached worktree of commit `sha` at `path` (one an interrupted run left there is replaced)."""
+    if os.path.isdir(path):
+        subprocess.run(["git", "worktree", "remove", "--force", path], cwd=REPO, capture_output=True)
+    res = subprocess.run(["git", "worktree", "add", "--detach", path, sha], cwd=REPO, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"error: --work: cannot check out {sha[:9]} at {path}: {res.stderr.strip()}")
 
 
 def read_run(log_dir):
@@ -72,14 +79,22 @@ def read_run(log_dir):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     demo_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = get_args_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    shas = {label: resolve(rev) for label, rev in (("base", args.base), ("head", args.head))}
+    for label, sha in shas.items():
+        if sha is None:
+            parser.error(f"--{label} {getattr(args, label)}: not a commit of the repository at {REPO}")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be >= 1")
     import bench
     import torch
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="ab-commits-"))
     os.makedirs(work, exist_ok=True)
     data_root = os.path.abspath(args.data_root)
     trees = {label: os.path.join(work, label) for label in ("base", "head")}
-    shas = {label: checkout(rev, trees[label]) for label, rev in (("base", args.base), ("head", args.head))}
+    for label in trees:
+        checkout(shas[label], trees[label])
     device = torch.device("cpu")
     info = bench.machine_info(device)
     print(f"host: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}; base {shas['base'][:9]} "
@@ -93,29 +108,31 @@ def main(argv=None):
     peaks = [peak()]
     print(f"peaks before (GFLOP/s): {peaks[0]}")
     runs, count = [], {"base": 0, "head": 0}
-    for label in order(args.rounds):
-        count[label] += 1
-        log_dir = os.path.join(work, f"runs/{label}{count[label]}")
-        cmd = [args.python, "demo.py", "--recipe", args.recipe, "--data_root", data_root, "--log_dir", log_dir,
-               "--cache_dir", os.path.join(work, f"cache_{label}"), *demo_flags]
-        os.makedirs(os.path.dirname(log_dir), exist_ok=True)
-        monitor, t0 = bench.CpuMonitor(), time.time()
-        with open(log_dir + ".log", "w") as log:
-            res = subprocess.run(cmd, cwd=trees[label], stdout=log, stderr=subprocess.STDOUT)
-        if res.returncode != 0:
-            raise RuntimeError(f"{label} run {count[label]} failed (exit {res.returncode}): see {log_dir}.log")
-        busy = monitor.lap()
-        summary, iters, loop_s = read_run(log_dir)
-        run = {"commit": label, "round": count[label], "train_s": summary["seconds"]["train"],
-               "wall_s": round(time.time() - t0, 1), "iterations": iters, "s_per_iteration": loop_s / iters,
-               "test_psnr": summary["test_psnr"], "test_ssim": summary["test_ssim"],
-               "other_cores_busy": None if busy is None else round(busy, 2)}
-        runs.append(run)
-        print(f"{label} {count[label]}: training {run['train_s']:.1f} s, {iters} iterations at "
-              f"{run['s_per_iteration']:.4f} s, test PSNR {run['test_psnr']:.2f} dB (SSIM {run['test_ssim']:.3f}), "
-              f"other processes {run['other_cores_busy']} cores", flush=True)
-    for tree in trees.values():  # the run directories stay under --work
-        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, capture_output=True)
+    try:
+        for label in order(args.rounds):
+            count[label] += 1
+            log_dir = os.path.join(work, f"runs/{label}{count[label]}")
+            cmd = [args.python, "demo.py", "--recipe", args.recipe, "--data_root", data_root, "--log_dir", log_dir,
+                   "--cache_dir", os.path.join(work, f"cache_{label}"), *demo_flags]
+            os.makedirs(os.path.dirname(log_dir), exist_ok=True)
+            monitor, t0 = bench.CpuMonitor(), time.time()
+            with open(log_dir + ".log", "w") as log:
+                res = subprocess.run(cmd, cwd=trees[label], stdout=log, stderr=subprocess.STDOUT)
+            if res.returncode != 0:
+                raise RuntimeError(f"{label} run {count[label]} failed (exit {res.returncode}): see {log_dir}.log")
+            busy = monitor.lap()
+            summary, iters, loop_s = read_run(log_dir)
+            run = {"commit": label, "round": count[label], "train_s": summary["seconds"]["train"],
+                   "wall_s": round(time.time() - t0, 1), "iterations": iters, "s_per_iteration": loop_s / iters,
+                   "test_psnr": summary["test_psnr"], "test_ssim": summary["test_ssim"],
+                   "other_cores_busy": None if busy is None else round(busy, 2)}
+            runs.append(run)
+            print(f"{label} {count[label]}: training {run['train_s']:.1f} s, {iters} iterations at "
+                  f"{run['s_per_iteration']:.4f} s, test PSNR {run['test_psnr']:.2f} dB (SSIM {run['test_ssim']:.3f}), "
+                  f"other processes {run['other_cores_busy']} cores", flush=True)
+    finally:  # the worktrees go, the runs, their logs and caches stay under --work
+        for tree in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, capture_output=True)
     peaks.append(peak())
     print(f"peaks after (GFLOP/s): {peaks[1]}")
 
