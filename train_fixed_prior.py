@@ -294,7 +294,7 @@ def kl_loss(out, free_bits):
 
 def choose_amp(model, args, device, main_proc, world=1, min_gain=0.1, layouts=None):
     """--amp auto: the precision of this run, decided on this machine. A CPU with bf16 units (AVX-512-BF16,
-    AMX) times a training rollout of the run's shapes in fp32 and under bf16 autocast, interleaved, best of 5
+    AMX) times a training rollout of the run's shapes in fp32 and under bf16 autocast, interleaved, best of up to 5
     (models.fast.time_training_rollouts), each with the convolution layouts --conv_layouts auto picks for that
     precision (they differ: bf16's small transposed convolutions gain most from channels-last), and takes
     bf16 where it is faster by min_gain: at small widths, or on a CPU busy with other work, bf16's casts can

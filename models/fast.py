@@ -429,14 +429,16 @@ def choose_conv_layouts(model, frames, conds, n_past, amp_context=contextlib.nul
     return chosen, times
 
 
-def time_training_rollouts(runs, frames, conds, n_past, rounds=5):
+def time_training_rollouts(runs, frames, conds, n_past, rounds=5, budget_s=3.0):
     """{name: seconds of one training rollout (forward_batched and the backward of its losses)} for each
     (model, amp_context) in `runs` ({name: (model, amp_context)}), on (frames, conds): what --amp auto compares
     between precisions. Each is the best of `rounds` calls after a warm-up, the candidates interleaved call by
     call, so that a burst of load on the machine hits them alike (timed one after the other, best of 2 each,
     bf16 against fp32 at the demo width ranged 0.58-0.86x in one process of an idle 2-core AVX-512-BF16 host,
-    and came out 1.08x at one run's start; interleaved, best of 5: 0.72-0.82x). Copies are timed: the models
-    and their BatchNorm statistics are not changed."""
+    and came out 1.08x at one run's start; interleaved, best of 5: 0.72-0.82x). Rounds after the second stop
+    once the timing has taken budget_s, so that a full-width model (seconds per rollout) pays what one
+    warm-up and two calls each cost. Copies are timed: the models and their BatchNorm statistics are not
+    changed."""
     steps = {}
     for name, (model, amp_context) in runs.items():
         probe = copy.deepcopy(model).train()
@@ -448,8 +450,10 @@ def time_training_rollouts(runs, frames, conds, n_past, rounds=5):
             probe.zero_grad(set_to_none=True)
         step()  # warm-up: kernel selection, primitive creation
         steps[name] = step
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(rounds):
+    best, t0 = dict.fromkeys(steps, float("inf")), time.perf_counter()
+    for i in range(rounds):
+        if i >= 2 and time.perf_counter() - t0 > budget_s:
+            break
         for name, step in steps.items():
             best[name] = min(best[name], best_time(step, frames.device, 0))
     return best

@@ -434,6 +434,10 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     assert 0 < sec["fast"] < sec["slow"] and sec["slow"] >= 0.02
     # one warm-up each, then the candidates alternate call by call
     assert calls == ["fast", "slow"] + ["fast", "slow"] * 3
+    calls.clear()  # past its time budget the timing stops after the second round
+    fast.time_training_rollouts({"fast": (model, lambda: context("fast")), "slow": (model, lambda: context("slow", 0.02))},
+                                torch.rand(2, T, 3, 64, 64), torch.randn(2, T, 7), args.n_past, rounds=5, budget_s=0.0)
+    assert calls == ["fast", "slow"] + ["fast", "slow"] * 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())
 
