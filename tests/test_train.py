@@ -379,6 +379,21 @@ def test_training_loads_only_the_rollouts_frames(sim_root):
     assert val_ds[0][0].shape[0] == args.n_eval == 30
 
 
+def _rollouts_timed_by_precision(seconds, timed=None):
+    """A stand-in for fast.time_training_rollouts: seconds(bf16) per candidate, by the precision its context
+    enters (as autocast reports it); each call's (frames shape, bf16) appended to `timed`."""
+    def fake(runs, frames, conds, n_past, rounds=5):
+        out = {}
+        for name, (model, amp_context) in runs.items():
+            with amp_context():
+                bf16 = torch.is_autocast_enabled("cpu")
+            if timed is not None:
+                timed.append((frames.shape, bf16))
+            out[name] = seconds(bf16)
+        return out
+    return fake
+
+
 def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     """On a CPU with bf16 units --amp auto times a training rollout in both precisions and keeps bf16 only
     where it is faster by 10%; on a CPU without them it measures nothing (emulated bf16 is 7-19x slower)."""
@@ -388,15 +403,7 @@ def test_amp_auto_is_measured_on_a_cpu_with_bf16_units(monkeypatch, capsys):
     model = CVAE.from_config(args)
     timed = []
 
-    def fake(runs, frames, conds, n_past, rounds=5):
-        out = {}
-        for name, (model, amp_context) in runs.items():
-            with amp_context():  # the precision under test, as autocast reports it
-                bf16 = torch.is_autocast_enabled("cpu")
-            timed.append((frames.shape, bf16))
-            out[name] = seconds[bf16]
-        return out
-    monkeypatch.setattr(fast, "time_training_rollouts", fake)
+    monkeypatch.setattr(fast, "time_training_rollouts", _rollouts_timed_by_precision(lambda bf16: seconds[bf16], timed))
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     for seconds, expected in (({False: 1.0, True: 0.5}, "bf16"), ({False: 1.0, True: 0.95}, "off"),
                               ({False: 1.0, True: 3.0}, "off")):
@@ -447,13 +454,7 @@ def test_amp_auto_is_saved_resolved_and_kept_on_resume(sim_root, tmp_path, monke
     import runtime
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # a host with native bf16
 
-    def bf16_faster(runs, frames, conds, n_past, rounds=5):
-        out = {}
-        for name, (model, amp_context) in runs.items():
-            with amp_context():
-                out[name] = 1.0 if torch.is_autocast_enabled("cpu") else 2.0
-        return out
-    monkeypatch.setattr(fast, "time_training_rollouts", bf16_faster)
+    monkeypatch.setattr(fast, "time_training_rollouts", _rollouts_timed_by_precision(lambda bf16: 1.0 if bf16 else 2.0))
     run = _train(sim_root, tmp_path, "--niter", "1", "--epoch_size", "1", "--plot_every", "9", "--amp", "auto")
     assert checkpoints.load_checkpoint(os.path.join(run, "last.pth"))["args"]["amp"] == "bf16"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})  # resumed on a host without: the run's choice stays

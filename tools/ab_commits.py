@@ -78,9 +78,10 @@ def read_run(log_dir):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    demo_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    split = argv.index("--") if "--" in argv else len(argv)  # ours before "--", demo.py's after
+    demo_flags = argv[split + 1:]
     parser = get_args_parser()
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(argv[:split])
     shas = {label: resolve(rev) for label, rev in (("base", args.base), ("head", args.head))}
     for label, sha in shas.items():
         if sha is None:
